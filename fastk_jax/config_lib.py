@@ -134,4 +134,114 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ("data", "fsdp", "tensor")
   c.mesh.shape = (-1, 1, 1)  # -1 takes the remaining devices.
+  c.mesh.preset = "dp"  # dp, fsdp, tp or tp_heads; see sharding.PRESETS.
+  c.mesh.rules = ()  # Explicit (logical, mesh axis) pairs override the preset.
   return c
+
+
+def gpt2_config(arg, *, num_layers, num_heads, embed_dim):
+  """Return the shared settings of the GPT-2 family configs (unlocked).
+
+  `arg` needs the fields steps, batch, heads, k and preset.
+  """
+  c = base_config()
+  c.seed = 0
+  c.total_steps = arg.steps
+  c.batch_size = arg.batch
+  c.log_every = 100
+  c.eval_every = 2000
+  c.eval_steps = 50
+  c.checkpoint_every = 2000
+
+  c.model.num_layers = num_layers
+  c.model.num_heads = num_heads
+  c.model.embed_dim = embed_dim
+  c.model.max_len = 1024
+  c.model.dropout = 0.0
+  c.model.num_lm_heads = arg.heads
+  c.model.dtype = "bfloat16"
+
+  c.data.tokenizer = "gpt2"
+  c.data.seq_len = 1024
+  c.data.worker_count = 4
+  c.loss.chunk_size = 2048
+
+  c.optimizer.learning_rate = 6e-4
+  c.optimizer.warmup_steps = 2000
+
+  c.eval.context_length = 1024
+  c.eval.stride = 512
+  c.eval.batch_size = 8
+  c.decode.top_k = arg.k
+  c.mesh.preset = arg.preset
+  return c
+
+
+def _check(condition: bool, field: str, value, fix: str) -> None:
+  if not condition:
+    raise ValueError(f"Invalid config.{field}={value!r}: {fix}")
+
+
+def validate_config(config, vocab_size: int | None = None) -> None:
+  """Raise one clear ValueError for the first invalid field.
+
+  Runs before any data preparation or compilation. Checks that need the
+  vocabulary size run only when `vocab_size` is given.
+  """
+  m, d = config.model, config.decode
+  _check(config.total_steps >= 1, "total_steps", config.total_steps,
+         "train for at least 1 step.")
+  _check(config.batch_size >= 1, "batch_size", config.batch_size,
+         "use a positive global batch size.")
+  for field in ("log_every", "eval_every", "checkpoint_every"):
+    _check(config[field] >= 1, field, config[field], "use a positive interval.")
+  _check(m.num_lm_heads >= 1, "model.num_lm_heads", m.num_lm_heads,
+         "P must be at least 1 (1 is a standard single-head GPT).")
+  _check(m.num_layers >= 1, "model.num_layers", m.num_layers,
+         "use at least 1 layer.")
+  _check(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
+         f"must be divisible by model.num_heads={m.num_heads}.")
+  _check(m.dtype in DTYPES, "model.dtype", m.dtype,
+         f"choose one of {', '.join(DTYPES)}.")
+  _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout,
+         "use a rate in [0, 1).")
+  _check(config.data.seq_len >= 1, "data.seq_len", config.data.seq_len,
+         "use a positive sequence length.")
+  _check(config.data.seq_len <= m.max_len, "data.seq_len", config.data.seq_len,
+         f"sequences longer than the position table (model.max_len={m.max_len}) "
+         "cannot be embedded; lower data.seq_len or raise model.max_len.")
+  _check(config.eval.context_length <= m.max_len, "eval.context_length",
+         config.eval.context_length,
+         f"must be at most model.max_len={m.max_len}.")
+  _check(0 < config.eval.stride <= config.eval.context_length, "eval.stride",
+         config.eval.stride,
+         f"use a stride in [1, eval.context_length={config.eval.context_length}].")
+  _check(0.0 <= config.loss.wta_epsilon < 1.0, "loss.wta_epsilon",
+         config.loss.wta_epsilon, "use a value in [0, 1); 0 is strict WTA.")
+  _check(config.loss.chunk_size >= 1, "loss.chunk_size", config.loss.chunk_size,
+         "use a positive number of tokens per chunk.")
+  _check(config.data.source in DATA_SOURCES, "data.source", config.data.source,
+         f"choose one of {', '.join(DATA_SOURCES)}.")
+  _check(config.data.tokenizer in TOKENIZERS, "data.tokenizer",
+         config.data.tokenizer, f"choose one of {', '.join(TOKENIZERS)}.")
+  if config.data.source == "text_dir":
+    _check(bool(config.data.text_dir), "data.text_dir", config.data.text_dir,
+           "set it to a directory of .txt files when data.source='text_dir'.")
+  if config.data.source == "tfds":
+    _check(bool(config.data.tfds_name), "data.tfds_name", config.data.tfds_name,
+           "set it to a prepared TFDS dataset (e.g. lm1b) when data.source='tfds'.")
+  _check(d.decoder in DECODERS, "decode.decoder", d.decoder,
+         f"choose one of {', '.join(DECODERS)}.")
+  _check(d.pilot in PILOT_STRATEGIES, "decode.pilot", d.pilot,
+         f"choose one of {', '.join(PILOT_STRATEGIES)}.")
+  _check(0 <= d.pilot_head < m.num_lm_heads, "decode.pilot_head", d.pilot_head,
+         f"must name a head in [0, model.num_lm_heads={m.num_lm_heads}).")
+  _check(d.top_k >= 1, "decode.top_k", d.top_k,
+         "K is the shortlist size and must be at least 1.")
+  if vocab_size is not None:
+    _check(d.top_k <= vocab_size, "decode.top_k", d.top_k,
+           f"K cannot exceed the vocabulary size {vocab_size}.")
+    if m.vocab_size:
+      _check(m.vocab_size == vocab_size, "model.vocab_size", m.vocab_size,
+             f"the tokenizer has {vocab_size} tokens; set 0 to use the "
+             "tokenizer's size.")

@@ -1,0 +1,74 @@
+"""The main job: train, checkpoint, evaluate and generate, in one command.
+
+  python -m fastk_jax.main --config=configs/demo.py --workdir=workdirs/demo
+
+Each stage is also its own command (`fastk_jax.train`, `fastk_jax.evaluate`,
+`fastk_jax.generate`). Rerunning resumes training from the newest checkpoint;
+a finished run goes straight to evaluation and generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fastk_jax import checkpointing
+from fastk_jax import evaluate as evaluate_lib
+from fastk_jax import generate as generate_lib
+from fastk_jax import train as train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/demo.py:heads=4.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the run.")
+_PROMPTS = flags.DEFINE_multi_string(
+    "prompt", ["KING HENRY:", "And God said"], "Prompts for the generation stage.")
+
+
+def run(config, workdir: str, prompts) -> dict:
+  """Train, evaluate on the test split and generate; return a summary."""
+  start = time.time()
+
+  train_metrics = train_lib.train_and_evaluate(config, workdir)
+
+  # Evaluate and generate from what was saved, exactly as a later user would.
+  state = checkpointing.load_inference_state(workdir)
+  results = evaluate_lib.evaluate_state(state)
+  evaluate_lib.write_results(workdir, results)
+  print(evaluate_lib.format_table(results))
+
+  texts = generate_lib.generate_text(state, prompts, state.config.decode)
+  for prompt, text in zip(prompts, texts):
+    print(f"\n--- {prompt!r} ({state.config.decode.decoder}, "
+          f"K={state.config.decode.top_k}, pilot={state.config.decode.pilot})\n"
+          f"{prompt}{text}")
+
+  summary = {
+      "workdir": os.path.abspath(workdir),
+      "step": results["step"],
+      "minutes": (time.time() - start) / 60,
+      "train_minutes": train_metrics.get("train_minutes"),
+      "perplexity": results["perplexity"],
+      "oracle_perplexity": results["oracle_perplexity"],
+      "unigram_perplexity": results.get("unigram_perplexity"),
+      "fastk_perplexity": results.get("fastk_perplexity"),
+  }
+  logging.info("Main job finished: %s", json.dumps(summary))
+  print("\nSummary:", json.dumps(summary, indent=2))
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  run(_CONFIG.value, _WORKDIR.value, _PROMPTS.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
