@@ -12,7 +12,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
 
   c.total_steps = arg.steps
-  c.batch_size = 4
+  c.batch_size = 8  # Divisible by the 8 CPU devices the sharding tests use.
   c.log_every = 2
   c.eval_every = 4
   c.eval_steps = 1

@@ -33,12 +33,11 @@ from absl import app, flags, logging
 from flax import nnx
 
 from fastk_jax import checkpointing
+from fastk_jax import logs
 from fastk_jax import data as data_lib
 from fastk_jax import heads as heads_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
-_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.eval.split).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+FLAGS = flags.FLAGS
 
 
 def strided_windows(tokens: np.ndarray, context_length: int, stride: int):
@@ -203,18 +202,27 @@ def evaluate_workdir(workdir: str, split: str | None = None,
   state = checkpointing.load_inference_state(workdir, step)
   results = evaluate_state(state, split)
   path = write_results(workdir, results)
-  logging.info("Evaluation results:\n%s\nWritten to %s", format_table(results), path)
   print(format_table(results))
+  logging.info("Wrote evaluation results to %s.", path)
   return results
+
+
+def define_flags() -> None:
+  """Define the command-line flags (only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
+  flags.DEFINE_string("split", None,
+                      "Split to evaluate (default: config.eval.split).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required.")
-  evaluate_workdir(_WORKDIR.value, _SPLIT.value, _STEP.value)
+  logs.quiet_library_logs()
+  evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.step)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,15 +17,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fastk_jax import checkpointing
+from fastk_jax import logs
 from fastk_jax import evaluate as evaluate_lib
 from fastk_jax import generate as generate_lib
 from fastk_jax import train as train_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/demo.py:heads=4.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the run.")
-_PROMPTS = flags.DEFINE_multi_string(
-    "prompt", ["KING HENRY:", "And God said"], "Prompts for the generation stage.")
+FLAGS = flags.FLAGS
 
 
 def run(config, workdir: str, prompts) -> dict:
@@ -61,14 +58,25 @@ def run(config, workdir: str, prompts) -> dict:
   return summary
 
 
+def define_flags() -> None:
+  """Define the command-line flags (only when run as a program)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, e.g. configs/demo.py:heads=4.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory of the run.")
+  flags.DEFINE_multi_string(
+      "prompt", ["KING HENRY:", "And God said"],
+      "Prompt for the generation stage; repeat the flag for several.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required.")
-  run(_CONFIG.value, _WORKDIR.value, _PROMPTS.value)
+  logs.quiet_library_logs()
+  run(FLAGS.config, FLAGS.workdir, FLAGS.prompt)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)

@@ -39,6 +39,10 @@ PRESETS = {
     # Tensor parallelism over the LM heads: each device holds whole heads.
     "tp_heads": (("batch", ("data", "fsdp")), ("lm_heads", "tensor"),
                  ("mlp", "tensor"), ("qkv", "tensor")),
+    # FSDP and vocabulary tensor parallelism together, for meshes with both
+    # an fsdp and a tensor axis larger than 1.
+    "fsdp_tp": (("batch", ("data", "fsdp")), ("embed", "fsdp"),
+                ("vocab", "tensor"), ("mlp", "tensor"), ("qkv", "tensor")),
 }
 
 
@@ -77,9 +81,20 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Build a Mesh with Auto axes from `config.mesh` over `devices`."""
-  devices = jax.devices() if devices is None else devices
+  """Build a Mesh with Auto axes from `config.mesh` over `devices`.
+
+  `devices` defaults to `jax.devices()`, every device of every process, so
+  in a multi-process job each process builds the same global mesh.
+
+  Raises:
+    ValueError: if the axis names repeat or the shape does not use exactly
+      the given devices.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   axes = tuple(mesh_config.axes)
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"config.mesh.axes={axes} repeats an axis name; give "
+                     "each mesh axis a distinct name.")
   shape = resolve_mesh_shape(mesh_config.shape, len(devices), axes)
   mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes),
                        devices=devices)
@@ -87,17 +102,55 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   return mesh
 
 
+def _mesh_axes_of(target) -> tuple[str, ...]:
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
 def rules_from_config(mesh_config) -> tuple[tuple[str, Any], ...]:
-  """Return the logical axis rules: `mesh.rules` if set, else the preset's."""
+  """Return the logical axis rules: `mesh.rules` if set, else the preset's.
+
+  Raises:
+    ValueError: if the preset is unknown or a rule names a mesh axis that
+      `config.mesh.axes` does not have.
+  """
   rules = mesh_config.get("rules", None)
   if rules:
-    return tuple((name, target) for name, target in rules)
-  preset = mesh_config.get("preset", "dp")
-  if preset not in PRESETS:
-    raise ValueError(
-        f"config.mesh.preset={preset!r} is unknown; choose one of "
-        f"{', '.join(PRESETS)} or set config.mesh.rules.")
-  return PRESETS[preset]
+    rules = tuple((name, target) for name, target in rules)
+    source = "config.mesh.rules"
+  else:
+    preset = mesh_config.get("preset", "dp")
+    if preset not in PRESETS:
+      raise ValueError(
+          f"config.mesh.preset={preset!r} is unknown; choose one of "
+          f"{', '.join(PRESETS)} or set config.mesh.rules.")
+    rules = PRESETS[preset]
+    source = f"config.mesh.preset={preset!r}"
+
+  mesh_axes = tuple(mesh_config.axes)
+  for logical, target in rules:
+    unknown = [t for t in _mesh_axes_of(target) if t not in mesh_axes]
+    if unknown:
+      raise ValueError(
+          f"{source} maps logical axis {logical!r} to mesh axis "
+          f"{unknown[0]!r}, but config.mesh.axes={mesh_axes}; add the axis "
+          "to the mesh or change the rule.")
+  return rules
+
+
+def log_unused_rules(mesh: Mesh, rules) -> None:
+  """Log the rules that shard nothing because their mesh axes have size 1.
+
+  A preset such as "tp" on the default mesh shape (-1, 1, 1) silently runs as
+  data parallelism otherwise.
+  """
+  for logical, target in rules:
+    sizes = [mesh.shape[t] for t in _mesh_axes_of(target) if t in mesh.shape]
+    if sizes and math.prod(sizes) == 1:
+      logging.warning(
+          "Logical axis %r maps to mesh axes %s of size 1, so it is not "
+          "sharded; set config.mesh.shape to shard it.", logical, target)
 
 
 def logical_to_spec(logical_axes, shape, mesh: Mesh, rules) -> PartitionSpec:
@@ -135,11 +188,32 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     if isinstance(variable, nnx.Variable) and variable.has_metadata("logical_axes"):
       axes = variable.get_metadata("logical_axes")
     if axes is None or not hasattr(value, "shape"):
-      return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+      sharding = NamedSharding(mesh, PartitionSpec())
+    else:
+      sharding = NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+    # Same tree structure as `state` (Variables wrapping shardings), so the
+    # result zips with the state in `jax.tree.map`.
+    if isinstance(variable, nnx.Variable):
+      return variable.replace(sharding)
+    return sharding
 
   return jax.tree.map(sharding_for, state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_shardings(tx, abstract_params: nnx.State, mesh: Mesh,
+                        rules) -> Any:
+  """Return a NamedSharding for every array of `tx`'s state, from the rules.
+
+  Optax keeps params-shaped moments (Adam's mu and nu) as copies of the
+  params tree, so they keep each `nnx.Param` and its `logical_axes` metadata
+  and get the same sharding as the parameter. Scalars such as step counts are
+  replicated. Deriving this from the rules, rather than from what
+  `jax.jit(tx.init)` happens to propagate, keeps the optimizer state's layout
+  fixed when the checkpoint is restored onto another mesh.
+  """
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  return state_shardings(abstract_state, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:

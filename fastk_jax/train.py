@@ -27,6 +27,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from fastk_jax import checkpointing
+from fastk_jax import logs
 from fastk_jax import config_lib
 from fastk_jax import data as data_lib
 from fastk_jax import loss as loss_lib
@@ -35,12 +36,7 @@ from fastk_jax import model as model_lib
 from fastk_jax import sharding as sharding_lib
 from fastk_jax import tokenizer as tokenizer_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/demo.py:heads=4.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, logs, tokenizer and config.json.")
-
+FLAGS = flags.FLAGS
 
 class TrainingDivergedError(FloatingPointError):
   """The loss became NaN or Inf."""
@@ -110,7 +106,7 @@ def make_train_step(graphdef, config, tx):
     params = optax.apply_updates(params, updates)
     metrics = loss_metrics(aux)
     metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
   return train_step
@@ -190,8 +186,14 @@ def _first_bad_step(pending: list[tuple[int, jax.Array]]) -> int | None:
   return None
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Train (or resume) until `config.total_steps`; return the last metrics."""
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
+                       ) -> dict[str, Any]:
+  """Train (or resume) until `config.total_steps`; return the last metrics.
+
+  `stop_at_step` ends this run early, after saving a checkpoint, as if the job
+  had been interrupted there; the learning-rate schedule still follows
+  `config.total_steps`.
+  """
   workdir = os.path.abspath(workdir)
   config_lib.validate_config(config)
   logging.info("Training in %s on %d devices (%d processes).", workdir,
@@ -299,7 +301,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       interval_metrics.append(metrics)
 
       is_last = step == config.total_steps
-      stopping = stop.requested()
+      stopping = stop.requested() or step == stop_at_step
       log_now = step % config.log_every == 0 or is_last or stopping
       save_now = step % config.checkpoint_every == 0 or is_last or stopping
 
@@ -357,7 +359,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if save_now:
         save(step, force=stopping)
       if stopping:
-        logging.warning("Stopped at step %d after %s.", step, stop.signal_name)
+        logging.warning("Stopped at step %d (%s).", step,
+                        stop.signal_name or "--stop_at_step")
         break
 
   manager.wait_until_finished()
@@ -370,14 +373,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return last_metrics
 
 
+def define_flags() -> None:
+  """Define the command-line flags (only when run as a program).
+
+  Defining them at import time would clash with the flags of other entry
+  points that import this module, such as `fastk_jax.main`.
+  """
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config file, e.g. configs/demo.py:heads=4.",
+      lock_config=True)
+  flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints, logs, tokenizer and config.json.")
+  flags.DEFINE_integer(
+      "stop_at_step", None,
+      "Save and stop at this step, keeping the schedule of config.total_steps.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required.")
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logs.quiet_library_logs()
+  train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)
