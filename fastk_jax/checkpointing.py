@@ -48,6 +48,9 @@ def make_manager(workdir: str, config, *, read_only: bool = False
       enable_async_checkpointing=config.get("async_checkpointing", True),
       create=not read_only,
       read_only=read_only,
+      # A save cut off by a crash or kill -9 leaves a *.orbax-checkpoint-tmp*
+      # directory; it is never listed as a step and is removed on restart.
+      cleanup_tmp_directories=not read_only,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=ITEMS)

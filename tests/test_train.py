@@ -117,3 +117,20 @@ def test_batch_not_divisible_by_devices(kjv_text_dir, tmp_path):
     config = _tiny(kjv_text_dir, **{"mesh.shape": (2, 1, 1)})
   with pytest.raises(ValueError, match="config.(batch_size|mesh.shape)"):
     train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+def test_unfinished_save_is_ignored_on_resume(kjv_text_dir, tmp_path):
+  # A kill during a save leaves Orbax's temporary directory behind. The
+  # restart must resume from the newest finished step and drop the leftover.
+  workdir = str(tmp_path / "killed")
+  config = _tiny(kjv_text_dir, total_steps=6)
+  train.train_and_evaluate(config, workdir, stop_at_step=3)
+  leftover = os.path.join(workdir, "checkpoints", "5.orbax-checkpoint-tmp-1234")
+  os.makedirs(os.path.join(leftover, "params"))
+  with open(os.path.join(leftover, "params", "partial"), "w") as f:
+    f.write("truncated")
+  assert checkpointing.make_manager(workdir, config, read_only=True).latest_step() == 3
+
+  metrics = train.train_and_evaluate(config, workdir)
+  assert metrics["step"] == 6
+  assert not os.path.exists(leftover)
