@@ -4,9 +4,14 @@ import importlib.util
 import json
 import os
 
+import tempfile
+
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Prepared datasets and token caches of this test session, instead of the
+# user's ~/.cache/fastk_jax.
+CACHE_DIR = tempfile.mkdtemp(prefix="fastk_jax_test_cache_")
 
 
 def load_config(name, arg=None, **overrides):
@@ -17,6 +22,7 @@ def load_config(name, arg=None, **overrides):
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   with config.unlocked():
+    config.data.cache_dir = CACHE_DIR
     for field, value in overrides.items():
       section = config
       *parents, leaf = field.split(".")
