@@ -30,11 +30,12 @@ from fastk_jax import checkpointing
 from fastk_jax import logs
 from fastk_jax import config_lib
 from fastk_jax import data as data_lib
-from fastk_jax import loss as loss_lib
+from fastk_jax import distributed
 from fastk_jax import metric_writers
 from fastk_jax import model as model_lib
 from fastk_jax import sharding as sharding_lib
 from fastk_jax import tokenizer as tokenizer_lib
+from fastk_jax import vocab_parallel
 
 FLAGS = flags.FLAGS
 
@@ -83,21 +84,29 @@ def loss_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
-def make_train_step(graphdef, config, tx):
-  """Return the (unjitted) train step: (params, opt_state, batch, key) -> ..."""
+def make_train_step(graphdef, config, tx, mesh=None, rules=None):
+  """Return the (unjitted) train step: (params, opt_state, batch, key) -> ...
+
+  With a `mesh`, parameters split over the batch axes (FSDP) are gathered
+  before the forward pass (`sharding.gather_for_compute`), and when the
+  `rules` shard the heads' vocabulary the loss runs vocabulary-parallel
+  (`vocab_parallel.sharded_wta_loss`).
+  """
   cfg = config.model
   dtype = model_lib.ModelConfig.from_config(cfg, 1).compute_dtype
   deterministic = cfg.dropout == 0.0
 
   def loss_fn(params, batch, key):
+    if mesh is not None:
+      params = sharding_lib.gather_for_compute(params, mesh, rules)
     model = nnx.merge(graphdef, params)
     hidden, _ = model(batch["inputs"], deterministic=deterministic,
                       rngs=nnx.Rngs(dropout=key))  # [B, T, d]
     kernel, bias = model.lm_heads.weights()
-    return loss_lib.wta_loss(
+    return vocab_parallel.wta_loss_on_mesh(
         hidden, kernel, bias, batch["targets"], batch.get("mask"),
-        epsilon=config.loss.wta_epsilon, chunk_size=config.loss.chunk_size,
-        dtype=dtype)
+        mesh=mesh, rules=rules, epsilon=config.loss.wta_epsilon,
+        chunk_size=config.loss.chunk_size, dtype=dtype)
 
   def train_step(params, opt_state, batch, key):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -112,17 +121,19 @@ def make_train_step(graphdef, config, tx):
   return train_step
 
 
-def make_eval_step(graphdef, config):
+def make_eval_step(graphdef, config, mesh=None, rules=None):
   """Return the eval step: (params, batch) -> summed loss statistics."""
   dtype = model_lib.ModelConfig.from_config(config.model, 1).compute_dtype
 
   def eval_step(params, batch):
+    if mesh is not None:
+      params = sharding_lib.gather_for_compute(params, mesh, rules)
     model = nnx.merge(graphdef, params)
     hidden, _ = model(batch["inputs"])
     kernel, bias = model.lm_heads.weights()
-    _, aux = loss_lib.wta_loss(
+    _, aux = vocab_parallel.wta_loss_on_mesh(
         hidden, kernel, bias, batch["targets"], batch.get("mask"),
-        chunk_size=config.loss.chunk_size, dtype=dtype)
+        mesh=mesh, rules=rules, chunk_size=config.loss.chunk_size, dtype=dtype)
     return loss_metrics(aux)
 
   return eval_step
@@ -147,14 +158,30 @@ class StopRequest:
 
   TPU VMs and SLURM send SIGTERM before preemption. A second SIGINT raises
   KeyboardInterrupt at once; Orbax's unfinished save is then discarded.
+
+  With several processes all of them must stop after the same step, or the
+  others wait forever in the next step's collectives. `jax.distributed` runs
+  a preemption service that catches SIGTERM and agrees on a stop step in the
+  background, so `requested` only reads a local flag. A Python SIGTERM
+  handler would replace the service's, so only SIGINT gets one, and it
+  forwards the signal to the service as a SIGTERM. Without the service
+  (`jax_enable_preemption_service` off), the processes compare their flags
+  with an all-gather every `sync_every` steps.
   """
 
-  def __init__(self):
+  def __init__(self, sync_every: int = 10):
     self.signal_name = None
+    self.sync_every = sync_every
     self._previous = {}
+    self._use_preemption_service = False
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    self._use_preemption_service = (
+        jax.process_count() > 1 and jax.distributed.is_initialized()
+        and jax.config.jax_enable_preemption_service)
+    signals = (signal.SIGINT,) if self._use_preemption_service else (
+        signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -168,15 +195,32 @@ class StopRequest:
     self.signal_name = signal.Signals(signum).name
     logging.warning("Received %s: saving a checkpoint and stopping.",
                     self.signal_name)
+    if self._use_preemption_service:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-  def requested(self) -> bool:
-    """Return True on every process once any process got a signal."""
-    local = self.signal_name is not None
+  def requested(self, step: int) -> bool:
+    """Return True on every process, after the same step, once one got a signal.
+
+    Every process must call it after every step, with the number of steps
+    done so far.
+    """
     if jax.process_count() == 1:
-      return local
+      return self.signal_name is not None
     from jax.experimental import multihost_utils
-    flags_all = multihost_utils.process_allgather(np.int32(local))
-    return bool(np.any(flags_all))
+    if self._use_preemption_service:
+      stop = multihost_utils.reached_preemption_sync_point(step)
+    elif step % self.sync_every == 0:
+      flags_all = multihost_utils.process_allgather(
+          np.int32(self.signal_name is not None))
+      stop = bool(np.any(flags_all))
+    else:
+      stop = False
+    if stop and self.signal_name is None:
+      # The preemption service reports a SIGTERM to any process, this one
+      # included, without naming it.
+      self.signal_name = ("a preemption notice" if self._use_preemption_service
+                          else "a signal to another process")
+    return stop
 
 
 def _first_bad_step(pending: list[tuple[int, jax.Array]]) -> int | None:
@@ -202,6 +246,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
   # Mesh first: the batch must split evenly over the data axes.
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.mesh)
+  sharding_lib.log_unused_rules(mesh, rules)
   divisor = sharding_lib.batch_divisor(mesh, rules)
   if config.batch_size % divisor or config.batch_size % jax.process_count():
     raise ValueError(
@@ -223,8 +268,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
   params = jax.jit(lambda: nnx.split(create())[1],
                    out_shardings=param_shardings)()
   tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-  opt_state = jax.jit(tx.init)(params)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+  opt_shardings = sharding_lib.optimizer_shardings(tx, abstract_params, mesh,
+                                                   rules)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   logging.info("Model: %.2fM parameters, P=%d heads, vocabulary %d.",
                num_params / 1e6, config.model.num_lm_heads, vocab_size)
@@ -251,11 +297,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   replicated = sharding_lib.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(graphdef, config, tx),
+      make_train_step(graphdef, config, tx, mesh, rules),
       in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated),
       out_shardings=(param_shardings, opt_shardings, replicated),
       donate_argnums=(0, 1))
-  eval_step = jax.jit(make_eval_step(graphdef, config),
+  eval_step = jax.jit(make_eval_step(graphdef, config, mesh, rules),
                       in_shardings=(param_shardings, batch_sharding),
                       out_shardings=replicated)
 
@@ -301,7 +347,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
       interval_metrics.append(metrics)
 
       is_last = step == config.total_steps
-      stopping = stop.requested() or step == stop_at_step
+      stopping = stop.requested(step) or step == stop_at_step
       log_now = step % config.log_every == 0 or is_last or stopping
       save_now = step % config.checkpoint_every == 0 or is_last or stopping
 
@@ -393,6 +439,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   logs.quiet_library_logs()
   train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step)
 

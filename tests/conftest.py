@@ -6,7 +6,15 @@ import os
 
 import tempfile
 
+import jax
 import pytest
+
+# The sharding tests need 8 devices. JAX creates extra CPU devices only when
+# asked before its backend starts, so this runs when pytest imports conftest,
+# before any test module. FASTK_TEST_CPU_DEVICES=1 runs the suite on the
+# single-device code paths instead (the 8-device tests are then skipped).
+NUM_CPU_DEVICES = int(os.environ.get("FASTK_TEST_CPU_DEVICES", "8"))
+jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prepared datasets and token caches of this test session, instead of the
