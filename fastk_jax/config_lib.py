@@ -12,6 +12,7 @@ import ml_collections
 
 PILOT_STRATEGIES = ("fixed", "round_robin", "utilization", "lowest_entropy")
 DECODERS = ("fastk", "dense")
+COMBINE_RULES = ("max", "mean")
 DATA_SOURCES = ("embedded", "text_dir", "tfds")
 TOKENIZERS = ("gpt2", "bpe")
 DTYPES = ("float32", "bfloat16")
@@ -130,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.decode.temperature = 0.0  # 0 decodes greedily.
   c.decode.top_p = 1.0
   c.decode.max_new_tokens = 64
+  # How the heads' shortlist distributions combine into one: max or mean.
+  c.decode.combine = "max"
+  c.decode.seed = 0  # Sampling seed for generation (temperature > 0).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ("data", "fsdp", "tensor")
@@ -174,6 +178,8 @@ def gpt2_config(arg, *, num_layers, num_heads, embed_dim):
   c.eval.batch_size = 8
   c.decode.top_k = arg.k
   c.mesh.preset = arg.preset
+  # FSDP needs devices on the fsdp axis; a pure data-parallel preset ignores it.
+  c.mesh.shape = (1, -1, 1) if arg.preset.startswith("fsdp") else (-1, 1, 1)
   return c
 
 

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fastk_jax import checkpointing
+from fastk_jax import distributed
 from fastk_jax import logs
 from fastk_jax import evaluate as evaluate_lib
 from fastk_jax import generate as generate_lib
@@ -74,6 +75,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
+  distributed.initialize_from_flags()
   run(FLAGS.config, FLAGS.workdir, FLAGS.prompt)
 
 

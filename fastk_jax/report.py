@@ -1,0 +1,529 @@
+"""Gather a sweep's evaluation JSONs into a Markdown reproduction table.
+
+Usage:
+  python -m fastk_jax.report --sweep_root=workdirs/sweep --output=docs/results.md \
+      [--benchmarks_md=docs/benchmarks.md] [--benchmark_json=bench.json]
+
+Every direct subdirectory of --sweep_root that has `eval/step_<N>.json` is
+one run; its newest evaluation is used. Runs are grouped by P (the number of
+LM heads) and each metric is shown as mean ± sample standard deviation
+(ddof = 1) over the group's runs, which differ only in their seed when the
+sweep comes from `launch/sweep.py`.
+
+The "What multi-head training buys" section is computed from the numbers: a
+P > 1 group counts as better or worse than P = 1 on a metric only when the
+difference of the means exceeds twice its standard error over seeds,
+sqrt(s_P^2 / n_P + s_1^2 / n_1). Smaller differences are reported as
+differences within seed noise.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import statistics
+from typing import Any, Callable, Sequence
+
+from absl import app, flags, logging
+
+from fastk_jax import metrics
+
+FLAGS = flags.FLAGS
+
+# A difference counts as real when it exceeds this many standard errors.
+SIGNIFICANCE_SE = 2.0
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def _eval_step(path: str) -> int:
+  match = re.search(r"step_(\d+)\.json$", path)
+  return int(match.group(1)) if match else -1
+
+
+def load_runs(sweep_root: str) -> list[dict[str, Any]]:
+  """Read the newest evaluation JSON of every run under `sweep_root`.
+
+  Returns:
+    One dict per run, sorted by (P, seed, name): "name", "workdir", "seed"
+    (from the run's config.json, None without it), "num_lm_heads" and
+    "results" (the evaluation JSON).
+
+  Raises:
+    FileNotFoundError: `sweep_root` has no evaluated run.
+  """
+  runs = []
+  for workdir in sorted(glob.glob(os.path.join(sweep_root, "*"))):
+    paths = glob.glob(os.path.join(workdir, "eval", "step_*.json"))
+    if not paths:
+      continue
+    path = max(paths, key=_eval_step)
+    with open(path) as f:
+      results = json.load(f)
+    seed = None
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        seed = json.load(f).get("seed")
+    runs.append({"name": os.path.basename(workdir), "workdir": workdir,
+                 "seed": seed, "num_lm_heads": int(results["num_lm_heads"]),
+                 "results": results})
+  if not runs:
+    raise FileNotFoundError(
+        f"No evaluated runs under {sweep_root!r}: expected "
+        "<run>/eval/step_<N>.json files; run launch/sweep.py first.")
+  runs.sort(key=lambda r: (r["num_lm_heads"], r["seed"] is None,
+                           r["seed"] or 0, r["name"]))
+  return runs
+
+
+def group_by_heads(runs: Sequence[dict[str, Any]]) -> dict[int, list[dict]]:
+  """Return {P: runs with P heads}, with P ascending."""
+  groups: dict[int, list[dict]] = {}
+  for run in runs:
+    groups.setdefault(run["num_lm_heads"], []).append(run)
+  return dict(sorted(groups.items()))
+
+
+# ---------------------------------------------------------------------------
+# Statistics.
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+  """Return {"mean", "std", "n"} of the values that are not None.
+
+  `std` is the sample standard deviation (ddof = 1), None for fewer than two
+  values; `mean` is None without values.
+  """
+  values = [float(v) for v in values if v is not None]
+  if not values:
+    return {"mean": None, "std": None, "n": 0}
+  std = statistics.stdev(values) if len(values) > 1 else None
+  return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def _get(results: dict, *keys):
+  """Return results[k0][k1]..., or None where a level is missing."""
+  value = results
+  for key in keys:
+    if value is None:
+      return None
+    try:
+      value = value[key]
+    except (KeyError, IndexError, TypeError):
+      return None
+  return value
+
+
+def _best_head_perplexity(results: dict) -> float | None:
+  per_head = [p for p in results.get("per_head_perplexity", []) if p is not None]
+  return min(per_head) if per_head else None
+
+
+def _bucket(results: dict, name: str) -> dict | None:
+  for bucket in results.get("buckets", []):
+    if bucket["name"] == name:
+      return bucket
+  return None
+
+
+def aggregate(runs: Sequence[dict], getter: Callable[[dict], Any]) -> dict:
+  """Apply `getter` to each run's results and return `mean_std` of them."""
+  return mean_std([getter(run["results"]) for run in runs])
+
+
+def compare(baseline: dict, other: dict, lower_is_better: bool) -> str | None:
+  """Return "better", "worse" or "unclear" for `other` against `baseline`.
+
+  Both are `mean_std` dicts. A single run has no spread, so its standard error
+  counts as 0; with one run on both sides any difference counts.
+  None when either side has no values.
+  """
+  if baseline["mean"] is None or other["mean"] is None:
+    return None
+  diff = other["mean"] - baseline["mean"]
+  if math.isnan(diff) or diff == 0:
+    return "unclear"
+  if math.isfinite(diff):
+    variance = sum((s["std"] or 0.0) ** 2 / s["n"] for s in (baseline, other))
+    standard_error = math.sqrt(variance)
+    if not math.isfinite(standard_error):
+      return "unclear"
+    if abs(diff) <= SIGNIFICANCE_SE * standard_error:
+      return "unclear"
+  improved = diff < 0 if lower_is_better else diff > 0
+  return "better" if improved else "worse"
+
+
+# ---------------------------------------------------------------------------
+# Markdown.
+
+
+def format_mean_std(stats: dict, digits: int = 2) -> str:
+  """Format a `mean_std` dict as "12.34 ± 0.56".
+
+  One run has no spread, so only its value is shown. No runs give "n/a"."""
+  if stats["mean"] is None:
+    return "n/a"
+  if stats["std"] is None:
+    return f"{stats['mean']:.{digits}f}"
+  return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def _distinct(runs: Sequence[dict], getter: Callable[[dict], Any]) -> list:
+  values = []
+  for run in runs:
+    value = getter(run["results"])
+    if value not in values:
+      values.append(value)
+  return values
+
+
+def protocol_lines(runs: Sequence[dict]) -> list[str]:
+  """Describe the evaluation protocol; flag settings that differ between runs."""
+  fields = [
+      ("split", lambda r: r.get("split")),
+      ("context length", lambda r: r.get("context_length")),
+      ("stride", lambda r: r.get("stride")),
+      ("scored tokens", lambda r: r.get("tokens")),
+      ("checkpoint step", lambda r: r.get("step")),
+      ("Fast-K K", lambda r: _get(r, "decode", "top_k")),
+      ("Fast-K pilot", lambda r: _get(r, "decode", "pilot")),
+      ("Fast-K combine", lambda r: _get(r, "decode", "combine")),
+  ]
+  parts, mixed = [], []
+  for label, getter in fields:
+    values = _distinct(runs, getter)
+    if len(values) == 1:
+      parts.append(f"{label} {values[0]}")
+    else:
+      mixed.append(f"{label} ({', '.join(str(v) for v in values)})")
+  lines = ["Every perplexity below uses strided evaluation with the same "
+           "protocol: " + ", ".join(parts) + "."]
+  if mixed:
+    lines.append("")
+    lines.append("**Warning:** the runs differ in " + "; ".join(mixed) +
+                 ", so their numbers are not directly comparable.")
+  return lines
+
+
+def _main_table(groups: dict[int, list[dict]]) -> list[str]:
+  header = ["P", "runs", "perplexity", "oracle perplexity",
+            "Fast-K perplexity", "best single head perplexity",
+            "unigram perplexity", "shortlist recall"]
+  rows = []
+  for heads, runs in groups.items():
+    rows.append([
+        str(heads), str(len(runs)),
+        format_mean_std(aggregate(runs, lambda r: r.get("perplexity"))),
+        format_mean_std(aggregate(runs, lambda r: r.get("oracle_perplexity"))),
+        format_mean_std(aggregate(runs, lambda r: r.get("fastk_perplexity"))),
+        format_mean_std(aggregate(runs, _best_head_perplexity)),
+        format_mean_std(aggregate(runs, lambda r: r.get("unigram_perplexity"))),
+        format_mean_std(aggregate(runs, lambda r: r.get("shortlist_recall")), 3),
+    ])
+  return _table(header, rows)
+
+
+def _top_n_table(groups: dict[int, list[dict]]) -> list[str]:
+  top_n = [str(n) for n in metrics.TOP_N]
+  labels = {"mixture": "mixture", "fastk": "Fast-K",
+            "best_head": "best single head"}
+  header = ["P", "decoder"] + [f"top-{n}" for n in top_n]
+  rows = []
+  for heads, runs in groups.items():
+    for decoder, label in labels.items():
+      row = [str(heads), label]
+      for n in top_n:
+        row.append(format_mean_std(aggregate(
+            runs, lambda r, d=decoder, n=n: _get(r, "top_n_accuracy", d, n)), 3))
+      rows.append(row)
+  return _table(header, rows)
+
+
+def _bucket_table(groups: dict[int, list[dict]]) -> list[str]:
+  header = ["bucket (training count)", "P", "tokens", "perplexity",
+            "Fast-K perplexity", "oracle perplexity", "unigram perplexity",
+            "shortlist recall", "top-1 mixture", "top-1 Fast-K"]
+  rows = []
+  for name in metrics.BUCKET_NAMES:
+    for heads, runs in groups.items():
+      get = lambda key, name=name: (lambda r: _get(_bucket(r, name), key))
+      rows.append([
+          name, str(heads),
+          # Seeds share the evaluation split, so the count does not vary.
+          f"{aggregate(runs, get('tokens'))['mean'] or 0:.0f}",
+          format_mean_std(aggregate(runs, get("perplexity"))),
+          format_mean_std(aggregate(runs, get("fastk_perplexity"))),
+          format_mean_std(aggregate(runs, get("oracle_perplexity"))),
+          format_mean_std(aggregate(runs, get("unigram_perplexity"))),
+          format_mean_std(aggregate(runs, get("shortlist_recall")), 3),
+          format_mean_std(aggregate(
+              runs, lambda r, name=name: _get(
+                  _bucket(r, name), "top_n_accuracy", "mixture", "1")), 3),
+          format_mean_std(aggregate(
+              runs, lambda r, name=name: _get(
+                  _bucket(r, name), "top_n_accuracy", "fastk", "1")), 3),
+      ])
+  return _table(header, rows)
+
+
+# Metrics compared against P = 1: (label, getter, lower_is_better, digits).
+COMPARED_METRICS = (
+    ("perplexity (uniform mixture)", lambda r: r.get("perplexity"), True, 2),
+    ("Fast-K perplexity", lambda r: r.get("fastk_perplexity"), True, 2),
+    ("best single head perplexity", _best_head_perplexity, True, 2),
+    ("top-1 accuracy of the mixture", lambda r: r.get("top1_accuracy"), False, 3),
+    ("top-1 accuracy of Fast-K", lambda r: r.get("fastk_top1_accuracy"), False, 3),
+    ("top-10 accuracy of the mixture",
+     lambda r: _get(r, "top_n_accuracy", "mixture", "10"), False, 3),
+    ("shortlist recall of the Fast-K pilot",
+     lambda r: r.get("shortlist_recall"), False, 3),
+) + tuple(
+    (f"perplexity on targets seen {name} times in training",
+     lambda r, name=name: _get(_bucket(r, name), "perplexity"), True, 2)
+    for name in metrics.BUCKET_NAMES)
+
+
+def findings(groups: dict[int, list[dict]]) -> tuple[list[str], list[str]]:
+  """Compare every P > 1 group with P = 1 on `COMPARED_METRICS`.
+
+  Returns:
+    (gains, non_gains): Markdown bullet texts. A gain is a difference beyond
+    `SIGNIFICANCE_SE` standard errors in the good direction; everything else
+    (worse, or within noise) is a non-gain.
+  """
+  gains, non_gains = [], []
+  if 1 not in groups:
+    non_gains.append("There are no P = 1 runs, so nothing is compared "
+                     "against a single-head model.")
+    return gains, non_gains
+  baseline_runs = groups[1]
+  for label, getter, lower_is_better, digits in COMPARED_METRICS:
+    baseline = aggregate(baseline_runs, getter)
+    for heads, runs in groups.items():
+      if heads == 1:
+        continue
+      other = aggregate(runs, getter)
+      verdict = compare(baseline, other, lower_is_better)
+      if verdict is None:
+        continue
+      difference = other["mean"] - baseline["mean"]
+      values = (f"{format_mean_std(other, digits)} at P = {heads} against "
+                f"{format_mean_std(baseline, digits)} at P = 1 (difference "
+                f"{difference:+.{digits}f})")
+      if verdict == "better":
+        gains.append(f"Better {label}: {values}.")
+      elif verdict == "worse":
+        non_gains.append(f"Worse {label}: {values}.")
+      else:
+        non_gains.append(f"No clear change in {label} (within "
+                         f"{SIGNIFICANCE_SE:g} standard errors over seeds): "
+                         f"{values}.")
+
+  # The oracle improves with P by construction, so state it beside the
+  # proper mixture.
+  for heads, runs in groups.items():
+    if heads == 1:
+      continue
+    oracle = aggregate(runs, lambda r: r.get("oracle_perplexity"))
+    mixture = aggregate(runs, lambda r: r.get("perplexity"))
+    if oracle["mean"] is not None and mixture["mean"] is not None:
+      non_gains.append(
+          f"At P = {heads} the oracle perplexity is "
+          f"{format_mean_std(oracle)} against {format_mean_std(mixture)} for "
+          "the mixture. The oracle picks the head with the gold label, so it "
+          "is not the perplexity of any predictor and is no gain by itself.")
+  return gains, non_gains
+
+
+def sanity_lines(runs: Sequence[dict]) -> list[str]:
+  """Check the unigram baseline and oracle <= mixture <= P * oracle per run."""
+  lines = []
+  above_unigram = [r["name"] for r in runs
+                   if r["results"].get("unigram_perplexity") is not None
+                   and r["results"]["perplexity"]
+                   >= r["results"]["unigram_perplexity"]]
+  if above_unigram:
+    lines.append("- **Not better than the unigram baseline:** "
+                 + ", ".join(above_unigram) + ".")
+  else:
+    lines.append("- Every run's perplexity is below its add-one unigram "
+                 "perplexity (training-split frequencies).")
+  violations = []
+  for run in runs:
+    results = run["results"]
+    oracle, mixture = results["oracle_perplexity"], results["perplexity"]
+    # A relative tolerance of 1e-6 absorbs float32 rounding.
+    above_oracle = oracle <= mixture * (1 + 1e-6)
+    below_bound = mixture <= run["num_lm_heads"] * oracle * (1 + 1e-6)
+    if not (above_oracle and below_bound):
+      violations.append(run["name"])
+  if violations:
+    lines.append("- **Bound oracle <= perplexity <= P x oracle violated:** "
+                 + ", ".join(violations) + ".")
+  else:
+    lines.append("- Every run satisfies oracle <= perplexity <= P x oracle.")
+  return lines
+
+
+def benchmark_lines(benchmarks_md: str | None,
+                    benchmark_json: str | None) -> list[str]:
+  """Return the decode-speed section's lines.
+
+  A JSON file is a list of row objects (or {"rows": [...]}), shown with the
+  union of their keys as columns. From a Markdown file, every table inside a
+  section whose heading mentions decoding or Fast-K is copied.
+  """
+  if benchmark_json:
+    with open(benchmark_json) as f:
+      data = json.load(f)
+    rows = data["rows"] if isinstance(data, dict) else data
+    columns = []
+    for row in rows:
+      columns += [k for k in row if k not in columns]
+    return [f"From `{benchmark_json}`:", ""] + _table(
+        columns, [[str(row.get(c, "")) for c in columns] for row in rows])
+  if benchmarks_md and os.path.exists(benchmarks_md):
+    with open(benchmarks_md) as f:
+      text = f.read()
+    lines, in_section, copied = [], False, 0
+    for line in text.splitlines():
+      heading = re.match(r"^(#+)\s+(.*)", line)
+      if heading:
+        in_section = bool(re.search(r"decod|fast-?k", heading.group(2), re.I))
+        if in_section:
+          lines += ["", f"**{heading.group(2).strip()}**", ""]
+        continue
+      if in_section and line.lstrip().startswith("|"):
+        lines.append(line)
+        copied += 1
+    if copied:
+      return [f"Decode-speed tables copied from `{benchmarks_md}`:"] + lines
+    return [f"`{benchmarks_md}` has no decode-speed table (no table under a "
+            "heading that mentions decoding or Fast-K)."]
+  return ["No decode benchmark found: pass --benchmark_json, or write "
+          "docs/benchmarks.md with `python -m fastk_jax.benchmark decode`."]
+
+
+def render_markdown(runs: Sequence[dict], *, sweep_root: str,
+                    benchmarks_md: str | None = None,
+                    benchmark_json: str | None = None) -> str:
+  """Build the whole results page."""
+  groups = group_by_heads(runs)
+  first = runs[0]["results"]
+  caption = (f"Perplexities: strided evaluation with context "
+             f"{first['context_length']}, stride {first['stride']}.")
+  seeds = sorted({str(r["seed"]) for r in runs})
+  lines = [
+      "# Results: multi-head (winner-take-all) training against P = 1",
+      "",
+      f"{len(runs)} runs from `{sweep_root}`, grouped by P, the number of LM "
+      f"heads (seeds {', '.join(seeds)}). Each cell is the mean ± sample "
+      "standard deviation over a group's runs. Generated by "
+      "`python -m fastk_jax.report`; edit the sweep, not this file.",
+      "",
+  ]
+  lines += protocol_lines(runs)
+  lines += [
+      "",
+      "- **perplexity**: the uniform mixture of the P heads, a proper "
+      "distribution (the headline number).",
+      "- **oracle perplexity**: each token scored by the head that gives its "
+      "gold label the highest probability. It uses the label, so it is not "
+      "the perplexity of any predictor.",
+      "- **Fast-K perplexity**: the distribution Fast-K decoding samples from "
+      "(the pilot's Top-K rescored by every head, the pilot's softmax outside "
+      "the shortlist).",
+      "- **best single head**: the head with the lowest perplexity on the "
+      "evaluated split, chosen per run.",
+      "",
+      "## What multi-head training buys over P = 1",
+      "",
+      f"A P > 1 group counts as better or worse than P = 1 when the "
+      f"difference of the means exceeds {SIGNIFICANCE_SE:g} standard errors "
+      "over seeds. The seeds share one evaluation text, so this spread "
+      "leaves out the sampling error of that text, and small differences "
+      "should be judged by their size too.",
+      "",
+  ]
+  gains, non_gains = findings(groups)
+  lines += [f"- {g}" for g in gains] or ["- Nothing measured here."]
+  lines += ["", "## What it does not buy", ""]
+  lines += [f"- {g}" for g in non_gains] or ["- Nothing measured here."]
+  lines += ["", "## Checks", ""]
+  lines += sanity_lines(runs)
+  lines += ["", "## Perplexity", "", caption, ""]
+  lines += _main_table(groups)
+  lines += ["", "## Top-n accuracy", ""]
+  lines += _top_n_table(groups)
+  lines += ["", "## Rare tokens", "",
+            "Targets bucketed by how often they occur in the training split; "
+            f"token counts are per run. {caption}", ""]
+  lines += _bucket_table(groups)
+  lines += ["", "## Decode speed", ""]
+  lines += benchmark_lines(benchmarks_md, benchmark_json)
+  lines += ["", "## Runs", "", caption, ""]
+  lines += _table(
+      ["run", "P", "seed", "perplexity", "oracle", "Fast-K", "step"],
+      [[r["name"], str(r["num_lm_heads"]), str(r["seed"]),
+        f"{r['results']['perplexity']:.2f}",
+        f"{r['results']['oracle_perplexity']:.2f}",
+        "n/a" if r["results"].get("fastk_perplexity") is None
+        else f"{r['results']['fastk_perplexity']:.2f}",
+        str(r["results"]["step"])] for r in runs])
+  return "\n".join(lines) + "\n"
+
+
+def write_report(sweep_root: str, output: str, *,
+                 benchmarks_md: str | None = "docs/benchmarks.md",
+                 benchmark_json: str | None = None) -> str:
+  """Load the sweep, write the Markdown page to `output` and return it."""
+  runs = load_runs(sweep_root)
+  markdown = render_markdown(runs, sweep_root=sweep_root,
+                             benchmarks_md=benchmarks_md,
+                             benchmark_json=benchmark_json)
+  directory = os.path.dirname(os.path.abspath(output))
+  os.makedirs(directory, exist_ok=True)
+  with open(output, "w") as f:
+    f.write(markdown)
+  logging.info("Wrote %s from %d runs.", output, len(runs))
+  return markdown
+
+
+def define_flags() -> None:
+  """Define the command-line flags (only when run as a program)."""
+  flags.DEFINE_string("sweep_root", None,
+                      "Directory whose subdirectories are evaluated runs.")
+  flags.DEFINE_string("output", "docs/results.md", "Markdown file to write.")
+  flags.DEFINE_string("benchmarks_md", "docs/benchmarks.md",
+                      "Markdown file with decode-speed tables, if present.")
+  flags.DEFINE_string("benchmark_json", None,
+                      "JSON list of decode-speed rows; replaces --benchmarks_md.")
+  flags.mark_flags_as_required(["sweep_root"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  markdown = write_report(FLAGS.sweep_root, FLAGS.output,
+                          benchmarks_md=FLAGS.benchmarks_md,
+                          benchmark_json=FLAGS.benchmark_json)
+  print(markdown)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
