@@ -47,16 +47,17 @@ def loss_memory_table(embed_dim=768, vocab=50257, batch=8, seq=1024,
   return rows
 
 
-def main(argv: list[str]) -> None:
-  del argv
+def run_loss_benchmark(chunk_sizes=(256, 1024)) -> None:
+  """Print the loss memory table at the GPT-2 small head shape."""
   tokens = 8 * 1024
-  print(f"Loss + gradient temporaries, d=768, V=50257, {tokens} tokens, "
-        f"float32, chunk 1024 tokens (jax {jax.__version__}, "
+  print(f"Loss + gradient temporaries, d=768, V=50257, {tokens} tokens "
+        f"(batch 8 x 1024), float32 (jax {jax.__version__}, "
         f"{jax.devices()[0].platform})")
-  print(f"{'P':>2}  {'full logits':>12}  {'naive':>12}  {'chunked':>12}  "
-        f"{'naive/chunked':>13}")
-  for row in loss_memory_table():
-    gib = lambda b: f"{b / 2**30:9.2f} GiB"
-    print(f"{row['P']:>2}  {gib(row['logits_bytes']):>12}  "
-          f"{gib(row['naive_bytes']):>12}  {gib(row['chunked_bytes']):>12}  "
-          f"{row['naive_bytes'] / row['chunked_bytes']:>12.1f}x")
+  print(f"{'P':>2}  {'chunk':>5}  {'full logits':>12}  {'naive':>12}  "
+        f"{'chunked':>12}  {'naive/chunked':>13}")
+  gib = lambda b: f"{b / 2**30:8.2f} GiB"
+  for chunk_size in chunk_sizes:
+    for row in loss_memory_table(chunk_size=chunk_size):
+      print(f"{row['P']:>2}  {chunk_size:>5}  {gib(row['logits_bytes']):>12}  "
+            f"{gib(row['naive_bytes']):>12}  {gib(row['chunked_bytes']):>12}  "
+            f"{row['naive_bytes'] / row['chunked_bytes']:>12.1f}x")
