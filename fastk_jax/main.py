@@ -38,11 +38,25 @@ def run(config, workdir: str, prompts) -> dict:
   evaluate_lib.write_results(workdir, results)
   print(evaluate_lib.format_table(results))
 
-  texts = generate_lib.generate_text(state, prompts, state.config.decode)
-  for prompt, text in zip(prompts, texts):
-    print(f"\n--- {prompt!r} ({state.config.decode.decoder}, "
-          f"K={state.config.decode.top_k}, pilot={state.config.decode.pilot})\n"
-          f"{prompt}{text}")
+  # Generation with Fast-K and with the dense reference (every head at full
+  # vocabulary), so the two can be compared on the same prompts. The main job
+  # shortens max_new_tokens to fit the position table instead of failing.
+  longest_prompt = max(len(state.tokenizer.encode(p)) for p in prompts)
+  room = max(state.model.cfg.max_len - max(longest_prompt, 1), 1)
+  max_new_tokens = min(state.config.decode.max_new_tokens, room)
+  if max_new_tokens < state.config.decode.max_new_tokens:
+    logging.info("Generating %d tokens per prompt: the position table has %d "
+                 "slots.", max_new_tokens, state.model.cfg.max_len)
+  for decoder in ("fastk", "dense"):
+    decode_config = generate_lib.decode_config_with_overrides(
+        state.config.decode,
+        {"decoder": decoder, "max_new_tokens": max_new_tokens})
+    texts = generate_lib.generate_text(state, prompts, decode_config)
+    label = (f"fastk (K={decode_config.top_k}, pilot={decode_config.pilot}, "
+             f"combine={decode_config.combine})" if decoder == "fastk" else
+             f"dense (all heads, combine={decode_config.combine})")
+    for prompt, text in zip(prompts, texts):
+      print(f"\n--- {label}\n{prompt}{text}")
 
   summary = {
       "workdir": os.path.abspath(workdir),
