@@ -575,8 +575,12 @@ def left_pad(prompts: Sequence[Sequence[int]], multiple: int = 1,
 
 
 def _generate_loop(params, tokens, lengths, key, utilization_head, eos_id, *,
-                   graphdef, settings: DecodeSettings):
-  """Prefill the KV cache with the prompts, then decode in a while loop."""
+                   graphdef, settings: DecodeSettings, vocab_sharding=None):
+  """Prefill the KV cache with the prompts, then decode in a while loop.
+
+  `vocab_sharding` is None or (mesh, mesh axis) when the heads' vocabulary is
+  split over that axis; Fast-K steps then run `vocab_parallel.sharded_fastk_step`.
+  """
   model = nnx.merge(graphdef, params)
   dtype = model.cfg.compute_dtype
   num_heads = model.cfg.num_lm_heads
@@ -608,9 +612,16 @@ def _generate_loop(params, tokens, lengths, key, utilization_head, eos_id, *,
         settings.pilot, step=step, num_heads=num_heads,
         pilot_head=settings.pilot_head, utilization_head=utilization_head,
         previous_entropy=carry["entropy"])
-    out = decode_step(carry["hidden"], weights, pilots,
-                      decoder=settings.decoder, top_k=settings.top_k,
-                      combine=settings.combine, dtype=dtype)
+    if vocab_sharding is not None and settings.decoder == "fastk":
+      from fastk_jax import vocab_parallel  # Imports this module.
+      mesh, axis = vocab_sharding
+      out = vocab_parallel.sharded_fastk_step(
+          carry["hidden"], kernel, bias, pilots, top_k=settings.top_k,
+          mesh=mesh, axis=axis, combine=settings.combine, dtype=dtype)
+    else:
+      out = decode_step(carry["hidden"], weights, pilots,
+                        decoder=settings.decoder, top_k=settings.top_k,
+                        combine=settings.combine, dtype=dtype)
     if settings.greedy:
       token, head = out.greedy_token, out.greedy_head
     else:
@@ -657,11 +668,13 @@ def _generate_loop(params, tokens, lengths, key, utilization_head, eos_id, *,
 
 
 _generate_jit = jax.jit(_generate_loop,
-                        static_argnames=("graphdef", "settings"))
+                        static_argnames=("graphdef", "settings",
+                                         "vocab_sharding"))
 
 
 def generate(model, prompts: Sequence[Sequence[int]], decode_config, *,
-             win_counts=None, eos_id: int | None = None) -> GenerationOutput:
+             win_counts=None, eos_id: int | None = None, mesh=None,
+             rules=None) -> GenerationOutput:
   """Generate continuations of a batch of token prompts.
 
   Args:
@@ -671,6 +684,11 @@ def generate(model, prompts: Sequence[Sequence[int]], decode_config, *,
     win_counts: `[P]` training wins per head, for the utilization and
       lowest_entropy pilots; None counts as no wins (head 0).
     eos_id: a row stops after generating this token; None never stops early.
+    mesh: optional device mesh. The parameters are placed on it with the
+      shardings of `rules`, and when the rules split the vocabulary, Fast-K
+      runs its vocabulary-sharded step, which moves only K candidates per
+      row between devices. The prompts are replicated.
+    rules: logical axis rules for `mesh` (`sharding.rules_from_config`).
 
   Returns:
     A `GenerationOutput`.
@@ -701,13 +719,23 @@ def generate(model, prompts: Sequence[Sequence[int]], decode_config, *,
 
   tokens, lengths = left_pad(prompts, _PROMPT_LENGTH_BUCKET)
   graphdef, params = nnx.split(model)
+  vocab_sharding = None
+  if mesh is not None:
+    from fastk_jax import sharding as sharding_lib
+    from fastk_jax import vocab_parallel
+    params = jax.device_put(
+        params, sharding_lib.state_shardings(params, mesh, rules))
+    axis = vocab_parallel.vocab_axis(mesh, rules, model.lm_heads.kernel.shape)
+    if axis is not None:
+      vocab_sharding = (mesh, axis)
   args = (params, tokens, lengths, jax.random.key(settings.seed),
           np.int32(utilization_pilot(win_counts)),
           np.int32(-1 if eos_id is None else eos_id))
 
   start = time.perf_counter()
   compiled = _generate_jit.lower(
-      *args, graphdef=graphdef, settings=settings).compile()
+      *args, graphdef=graphdef, settings=settings,
+      vocab_sharding=vocab_sharding).compile()
   compiled_at = time.perf_counter()
   outputs = jax.device_get(compiled(*args))
   finished_at = time.perf_counter()

@@ -55,6 +55,14 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_new_tokens", None,
                        "Maximum tokens generated per prompt.")
   flags.DEFINE_integer("seed", None, "Sampling seed.")
+  flags.DEFINE_list(
+      "mesh_shape", None,
+      "Generate on a device mesh of this (data, fsdp, tensor) shape, e.g. "
+      "1,1,8; -1 takes the remaining devices. Default: one device.")
+  flags.DEFINE_string(
+      "mesh_preset", "tp",
+      "Sharding preset for --mesh_shape (sharding.PRESETS); tp splits the "
+      "vocabulary over the tensor axis.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -78,7 +86,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int
   return encoded
 
 
-def generate_batch(state, prompts: Sequence[str], decode_config
+def generate_batch(state, prompts: Sequence[str], decode_config, *,
+                   mesh=None, rules=None
                    ) -> tuple[list[str], decoding.GenerationOutput]:
   """Generate continuations and return (texts, raw `GenerationOutput`).
 
@@ -86,6 +95,8 @@ def generate_batch(state, prompts: Sequence[str], decode_config
     state: a `checkpointing.InferenceState` (model, tokenizer, win_counts).
     prompts: prompt strings.
     decode_config: `config.decode` or `decoding.DecodeSettings`.
+    mesh: optional device mesh to generate on (see `decoding.generate`).
+    rules: logical axis rules for `mesh`.
   """
   settings = decode_config
   if not isinstance(settings, decoding.DecodeSettings):
@@ -95,7 +106,7 @@ def generate_batch(state, prompts: Sequence[str], decode_config
   token_prompts = encode_prompts(tokenizer, prompts, max_prompt_tokens)
   output = decoding.generate(
       state.model, token_prompts, settings, win_counts=state.win_counts,
-      eos_id=tokenizer.eos_id)
+      eos_id=tokenizer.eos_id, mesh=mesh, rules=rules)
 
   texts = []
   for row in range(len(prompts)):
@@ -151,8 +162,18 @@ def main(argv):
   overrides = {name: FLAGS[name].value for name in _DECODE_FLAGS}
   decode_config = decode_config_with_overrides(state.config.decode, overrides)
   settings = decoding.DecodeSettings.from_config(decode_config)
+  mesh = rules = None
+  if FLAGS.mesh_shape:
+    from fastk_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    mesh_config = ml_collections.ConfigDict(state.config.mesh.to_dict())
+    mesh_config.shape = tuple(int(size) for size in FLAGS.mesh_shape)
+    mesh_config.preset = FLAGS.mesh_preset
+    mesh_config.rules = ()
+    mesh = sharding_lib.make_mesh(mesh_config)
+    rules = sharding_lib.rules_from_config(mesh_config)
   try:
-    texts, output = generate_batch(state, FLAGS.prompt, settings)
+    texts, output = generate_batch(state, FLAGS.prompt, settings, mesh=mesh,
+                                   rules=rules)
   except ValueError as err:
     # Invalid decoding options: print the message alone, without a traceback.
     sys.exit(f"Error: {err}")

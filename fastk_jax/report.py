@@ -2,19 +2,23 @@
 
 Usage:
   python -m fastk_jax.report --sweep_root=workdirs/sweep --output=docs/results.md \
+      [--sweep_config=configs/sweep_small.py] \
       [--benchmarks_md=docs/benchmarks.md] [--benchmark_json=bench.json]
 
 Every direct subdirectory of --sweep_root that has `eval/step_<N>.json` is
-one run; its newest evaluation is used. Runs are grouped by P (the number of
-LM heads) and each metric is shown as mean ± sample standard deviation
-(ddof = 1) over the group's runs, which differ only in their seed when the
-sweep comes from `launch/sweep.py`.
+one run; its newest evaluation is used. Runs are grouped by (P, epsilon): P
+is the number of LM heads and epsilon the relaxed winner-take-all weight
+`loss.wta_epsilon` from the run's `config.json` (0 is strict WTA). Each
+metric is shown as mean ± sample standard deviation (ddof = 1) over the
+group's runs, which differ only in their seed when the sweep comes from
+`launch/sweep.py`.
 
-The "What multi-head training buys" section is computed from the numbers: a
-P > 1 group counts as better or worse than P = 1 on a metric only when the
-difference of the means exceeds twice its standard error over seeds,
-sqrt(s_P^2 / n_P + s_1^2 / n_1). Smaller differences are reported as
-differences within seed noise.
+The comparison sections are computed from the numbers: a group counts as
+better or worse than another on a metric only when the difference of the
+means exceeds twice its standard error over seeds,
+sqrt(s_a^2 / n_a + s_b^2 / n_b). Smaller differences are reported as
+differences within seed noise. Every P > 1 group is compared with the P = 1
+runs, and relaxed groups with the strict group of the same P.
 """
 
 from __future__ import annotations
@@ -46,13 +50,27 @@ def _eval_step(path: str) -> int:
   return int(match.group(1)) if match else -1
 
 
+def _read_config(workdir: str) -> tuple[Any, float | None]:
+  """Return (seed, loss.wta_epsilon) from the run's config.json.
+
+  Either is None when config.json or the field is missing.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    return None, None
+  with open(config_path) as f:
+    config = json.load(f)
+  epsilon = _get(config, "loss", "wta_epsilon")
+  return config.get("seed"), None if epsilon is None else float(epsilon)
+
+
 def load_runs(sweep_root: str) -> list[dict[str, Any]]:
   """Read the newest evaluation JSON of every run under `sweep_root`.
 
   Returns:
-    One dict per run, sorted by (P, seed, name): "name", "workdir", "seed"
-    (from the run's config.json, None without it), "num_lm_heads" and
-    "results" (the evaluation JSON).
+    One dict per run, sorted by (P, epsilon, seed, name): "name", "workdir",
+    "seed" and "wta_epsilon" (from the run's config.json, None without it),
+    "num_lm_heads" and "results" (the evaluation JSON).
 
   Raises:
     FileNotFoundError: `sweep_root` has no evaluated run.
@@ -65,29 +83,58 @@ def load_runs(sweep_root: str) -> list[dict[str, Any]]:
     path = max(paths, key=_eval_step)
     with open(path) as f:
       results = json.load(f)
-    seed = None
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        seed = json.load(f).get("seed")
+    seed, epsilon = _read_config(workdir)
     runs.append({"name": os.path.basename(workdir), "workdir": workdir,
-                 "seed": seed, "num_lm_heads": int(results["num_lm_heads"]),
+                 "seed": seed, "wta_epsilon": epsilon,
+                 "num_lm_heads": int(results["num_lm_heads"]),
                  "results": results})
   if not runs:
     raise FileNotFoundError(
         f"No evaluated runs under {sweep_root!r}: expected "
         "<run>/eval/step_<N>.json files; run launch/sweep.py first.")
-  runs.sort(key=lambda r: (r["num_lm_heads"], r["seed"] is None,
-                           r["seed"] or 0, r["name"]))
+  runs.sort(key=lambda r: (r["num_lm_heads"], _epsilon_order(r["wta_epsilon"]),
+                           r["seed"] is None, r["seed"] or 0, r["name"]))
   return runs
 
 
-def group_by_heads(runs: Sequence[dict[str, Any]]) -> dict[int, list[dict]]:
-  """Return {P: runs with P heads}, with P ascending."""
-  groups: dict[int, list[dict]] = {}
+def _epsilon_order(epsilon: float | None) -> tuple[bool, float]:
+  """Sort key that puts an unknown epsilon after the known ones."""
+  return epsilon is None, epsilon or 0.0
+
+
+# A group of runs: (P, loss.wta_epsilon), the epsilon None when unknown.
+GroupKey = tuple[int, "float | None"]
+
+
+def group_runs(runs: Sequence[dict[str, Any]]) -> dict[GroupKey, list[dict]]:
+  """Return {(P, epsilon): runs}, sorted by P and then epsilon."""
+  groups: dict[GroupKey, list[dict]] = {}
   for run in runs:
-    groups.setdefault(run["num_lm_heads"], []).append(run)
-  return dict(sorted(groups.items()))
+    key = (run["num_lm_heads"], run["wta_epsilon"])
+    groups.setdefault(key, []).append(run)
+  return dict(sorted(groups.items(),
+                     key=lambda item: (item[0][0], _epsilon_order(item[0][1]))))
+
+
+def baseline_runs(groups: dict[GroupKey, list[dict]]) -> list[dict]:
+  """Return every P = 1 run, whatever its epsilon.
+
+  With one head the WTA weights are 1 for every epsilon (`loss.winner_weights`),
+  so all P = 1 runs train the same way and form one baseline.
+  """
+  return [run for (heads, _), runs in groups.items() if heads == 1
+          for run in runs]
+
+
+def format_epsilon(epsilon: float | None) -> str:
+  """Format a WTA epsilon for a table cell: "0", "0.3" or "n/a"."""
+  return "n/a" if epsilon is None else f"{epsilon:g}"
+
+
+def setting_label(key: GroupKey) -> str:
+  """Name a group in findings, e.g. "P = 4, ε = 0.3"."""
+  heads, epsilon = key
+  return f"P = {heads}, ε = {format_epsilon(epsilon)}"
 
 
 # ---------------------------------------------------------------------------
