@@ -14,6 +14,7 @@ _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/tensorstore/")
 _EXPECTED_WARNINGS = (
     ("/tensorflow_datasets/", "Using custom data configuration"),
     ("/orbax/", "Given directory is read only"),
+    ("/orbax/", "CheckpointManagerOptions.read_only=True"),
 )
 
 

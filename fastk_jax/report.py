@@ -103,7 +103,7 @@ def _epsilon_order(epsilon: float | None) -> tuple[bool, float]:
 
 
 # A group of runs: (P, loss.wta_epsilon), the epsilon None when unknown.
-GroupKey = tuple[int, "float | None"]
+GroupKey = tuple[int, float | None]
 
 
 def group_runs(runs: Sequence[dict[str, Any]]) -> dict[GroupKey, list[dict]]:
@@ -170,6 +170,50 @@ def _get(results: dict, *keys):
 def _best_head_perplexity(results: dict) -> float | None:
   per_head = [p for p in results.get("per_head_perplexity", []) if p is not None]
   return min(per_head) if per_head else None
+
+
+def _worst_head_perplexity(results: dict) -> float | None:
+  per_head = [p for p in results.get("per_head_perplexity", []) if p is not None]
+  return max(per_head) if per_head else None
+
+
+def pilot_head(results: dict) -> int | None:
+  """Return the Fast-K pilot of a run, or None when it changes per token.
+
+  The utilization pilot is the head with the most training wins (lowest
+  index on ties, as `decoding.utilization_pilot`); the fixed pilot is
+  decode.pilot_head. round_robin and lowest_entropy have no single pilot.
+  """
+  strategy = _get(results, "decode", "pilot")
+  if strategy == "fixed":
+    return _get(results, "decode", "pilot_head")
+  wins = results.get("win_counts")
+  if strategy == "utilization" and wins:
+    return max(range(len(wins)), key=lambda h: (wins[h], -h))
+  return None
+
+
+def _pilot_perplexity(results: dict) -> float | None:
+  head = pilot_head(results)
+  return _get(results, "per_head_perplexity", head) if head is not None else None
+
+
+def _pilot_win_share(results: dict) -> float | None:
+  """Return the pilot's share of the training wins (win_counts)."""
+  head = pilot_head(results)
+  wins = results.get("win_counts")
+  if head is None or not wins or not sum(wins):
+    return None
+  return wins[head] / sum(wins)
+
+
+def _mixture_top_k_recall(results: dict) -> float | None:
+  """Return the share of targets in the mixture's top-K, K = Fast-K's K.
+
+  None when K is not one of the evaluated top-n sizes.
+  """
+  top_k = _get(results, "decode", "top_k")
+  return _get(results, "top_n_accuracy", "mixture", str(top_k))
 
 
 def _bucket(results: dict, name: str) -> dict | None:
@@ -266,14 +310,14 @@ def protocol_lines(runs: Sequence[dict]) -> list[str]:
   return lines
 
 
-def _main_table(groups: dict[int, list[dict]]) -> list[str]:
-  header = ["P", "runs", "perplexity", "oracle perplexity",
+def _main_table(groups: dict[GroupKey, list[dict]]) -> list[str]:
+  header = ["P", "ε", "runs", "perplexity", "oracle perplexity",
             "Fast-K perplexity", "best single head perplexity",
             "unigram perplexity", "shortlist recall"]
   rows = []
-  for heads, runs in groups.items():
+  for (heads, epsilon), runs in groups.items():
     rows.append([
-        str(heads), str(len(runs)),
+        str(heads), format_epsilon(epsilon), str(len(runs)),
         format_mean_std(aggregate(runs, lambda r: r.get("perplexity"))),
         format_mean_std(aggregate(runs, lambda r: r.get("oracle_perplexity"))),
         format_mean_std(aggregate(runs, lambda r: r.get("fastk_perplexity"))),
@@ -284,15 +328,15 @@ def _main_table(groups: dict[int, list[dict]]) -> list[str]:
   return _table(header, rows)
 
 
-def _top_n_table(groups: dict[int, list[dict]]) -> list[str]:
+def _top_n_table(groups: dict[GroupKey, list[dict]]) -> list[str]:
   top_n = [str(n) for n in metrics.TOP_N]
   labels = {"mixture": "mixture", "fastk": "Fast-K",
             "best_head": "best single head"}
-  header = ["P", "decoder"] + [f"top-{n}" for n in top_n]
+  header = ["P", "ε", "decoder"] + [f"top-{n}" for n in top_n]
   rows = []
-  for heads, runs in groups.items():
+  for (heads, epsilon), runs in groups.items():
     for decoder, label in labels.items():
-      row = [str(heads), label]
+      row = [str(heads), format_epsilon(epsilon), label]
       for n in top_n:
         row.append(format_mean_std(aggregate(
             runs, lambda r, d=decoder, n=n: _get(r, "top_n_accuracy", d, n)), 3))
@@ -300,16 +344,16 @@ def _top_n_table(groups: dict[int, list[dict]]) -> list[str]:
   return _table(header, rows)
 
 
-def _bucket_table(groups: dict[int, list[dict]]) -> list[str]:
-  header = ["bucket (training count)", "P", "tokens", "perplexity",
+def _bucket_table(groups: dict[GroupKey, list[dict]]) -> list[str]:
+  header = ["bucket (training count)", "P", "ε", "tokens", "perplexity",
             "Fast-K perplexity", "oracle perplexity", "unigram perplexity",
             "shortlist recall", "top-1 mixture", "top-1 Fast-K"]
   rows = []
   for name in metrics.BUCKET_NAMES:
-    for heads, runs in groups.items():
+    for (heads, epsilon), runs in groups.items():
       get = lambda key, name=name: (lambda r: _get(_bucket(r, name), key))
       rows.append([
-          name, str(heads),
+          name, str(heads), format_epsilon(epsilon),
           # Seeds share the evaluation split, so the count does not vary.
           f"{aggregate(runs, get('tokens'))['mean'] or 0:.0f}",
           format_mean_std(aggregate(runs, get("perplexity"))),
@@ -344,8 +388,21 @@ COMPARED_METRICS = (
     for name in metrics.BUCKET_NAMES)
 
 
-def findings(groups: dict[int, list[dict]]) -> tuple[list[str], list[str]]:
-  """Compare every P > 1 group with P = 1 on `COMPARED_METRICS`.
+def _difference_text(other: dict, baseline: dict, digits: int,
+                     other_label: str, baseline_label: str,
+                     ratio: bool = False) -> str:
+  """Format "A at X against B at Y (difference +d)", optionally with A / B."""
+  difference = other["mean"] - baseline["mean"]
+  extra = ""
+  if ratio and baseline["mean"]:
+    extra = f", ratio {other['mean'] / baseline['mean']:.3g}"
+  return (f"{format_mean_std(other, digits)} at {other_label} against "
+          f"{format_mean_std(baseline, digits)} at {baseline_label} "
+          f"(difference {difference:+.{digits}f}{extra})")
+
+
+def findings(groups: dict[GroupKey, list[dict]]) -> tuple[list[str], list[str]]:
+  """Compare every P > 1 group with the P = 1 runs on `COMPARED_METRICS`.
 
   Returns:
     (gains, non_gains): Markdown bullet texts. A gain is a difference beyond
@@ -353,24 +410,22 @@ def findings(groups: dict[int, list[dict]]) -> tuple[list[str], list[str]]:
     (worse, or within noise) is a non-gain.
   """
   gains, non_gains = [], []
-  if 1 not in groups:
+  baseline = baseline_runs(groups)
+  if not baseline:
     non_gains.append("There are no P = 1 runs, so nothing is compared "
                      "against a single-head model.")
     return gains, non_gains
-  baseline_runs = groups[1]
   for label, getter, lower_is_better, digits in COMPARED_METRICS:
-    baseline = aggregate(baseline_runs, getter)
-    for heads, runs in groups.items():
-      if heads == 1:
+    baseline_stats = aggregate(baseline, getter)
+    for key, runs in groups.items():
+      if key[0] == 1:
         continue
       other = aggregate(runs, getter)
-      verdict = compare(baseline, other, lower_is_better)
+      verdict = compare(baseline_stats, other, lower_is_better)
       if verdict is None:
         continue
-      difference = other["mean"] - baseline["mean"]
-      values = (f"{format_mean_std(other, digits)} at P = {heads} against "
-                f"{format_mean_std(baseline, digits)} at P = 1 (difference "
-                f"{difference:+.{digits}f})")
+      values = _difference_text(other, baseline_stats, digits,
+                                setting_label(key), "P = 1")
       if verdict == "better":
         gains.append(f"Better {label}: {values}.")
       elif verdict == "worse":
@@ -382,18 +437,69 @@ def findings(groups: dict[int, list[dict]]) -> tuple[list[str], list[str]]:
 
   # The oracle improves with P by construction, so state it beside the
   # proper mixture.
-  for heads, runs in groups.items():
-    if heads == 1:
+  for key, runs in groups.items():
+    if key[0] == 1:
       continue
     oracle = aggregate(runs, lambda r: r.get("oracle_perplexity"))
     mixture = aggregate(runs, lambda r: r.get("perplexity"))
     if oracle["mean"] is not None and mixture["mean"] is not None:
       non_gains.append(
-          f"At P = {heads} the oracle perplexity is "
+          f"At {setting_label(key)} the oracle perplexity is "
           f"{format_mean_std(oracle)} against {format_mean_std(mixture)} for "
           "the mixture. The oracle picks the head with the gold label, so it "
           "is not the perplexity of any predictor and is no gain by itself.")
   return gains, non_gains
+
+
+# Metrics compared between strict and relaxed WTA at the same P:
+# (label, getter, lower_is_better, digits).
+STRICT_RELAXED_METRICS = (
+    ("perplexity (uniform mixture)", lambda r: r.get("perplexity"), True, 2),
+    ("Fast-K perplexity", lambda r: r.get("fastk_perplexity"), True, 2),
+    ("shortlist recall of the Fast-K pilot",
+     lambda r: r.get("shortlist_recall"), False, 3),
+    ("top-1 accuracy of Fast-K", lambda r: r.get("fastk_top1_accuracy"),
+     False, 3),
+)
+
+
+def strict_relaxed_pairs(
+    groups: dict[GroupKey, list[dict]]) -> list[tuple[GroupKey, GroupKey]]:
+  """Return (strict, relaxed) group keys that share P > 1, strict epsilon 0."""
+  pairs = []
+  for strict in groups:
+    heads, epsilon = strict
+    if heads == 1 or epsilon != 0.0:
+      continue
+    pairs += [(strict, key) for key in groups
+              if key[0] == heads and key[1] is not None and key[1] > 0.0]
+  return pairs
+
+
+def strict_relaxed_findings(groups: dict[GroupKey, list[dict]]) -> list[str]:
+  """Compare relaxed with strict WTA at each P on `STRICT_RELAXED_METRICS`."""
+  lines = []
+  for strict, relaxed in strict_relaxed_pairs(groups):
+    heads, epsilon = relaxed
+    for label, getter, lower_is_better, digits in STRICT_RELAXED_METRICS:
+      strict_stats = aggregate(groups[strict], getter)
+      relaxed_stats = aggregate(groups[relaxed], getter)
+      verdict = compare(strict_stats, relaxed_stats, lower_is_better)
+      if verdict is None:
+        continue
+      values = _difference_text(
+          relaxed_stats, strict_stats, digits, f"ε = {epsilon:g}", "ε = 0",
+          ratio=lower_is_better)
+      if verdict == "unclear":
+        lines.append(f"At P = {heads}, no clear difference in {label} "
+                     f"between relaxed and strict WTA (within "
+                     f"{SIGNIFICANCE_SE:g} standard errors over seeds): "
+                     f"{values}.")
+      else:
+        effect = "improves" if verdict == "better" else "worsens"
+        lines.append(f"At P = {heads}, relaxed WTA {effect} {label}: "
+                     f"{values}.")
+  return lines
 
 
 def sanity_lines(runs: Sequence[dict]) -> list[str]:
