@@ -1,6 +1,6 @@
 """Demo: a small 4-head GPT on the embedded public-domain corpus, for CPUs.
 
-Trains in about 5 to 10 minutes on 2 CPU cores (see docs/benchmarks.md):
+Trains in about 7 minutes on an idle 2-core CPU (docs/benchmarks.md, "Demo run"):
 
   python -m fastk_jax.main --config=configs/demo.py --workdir=workdirs/demo
   python -m fastk_jax.train --config=configs/demo.py:heads=1,steps=300 \

@@ -8,7 +8,8 @@ report:
 
   python launch/sweep.py --config=configs/sweep_small.py \
       --workdir_root=workdirs/sweep --run
-  python -m fastk_jax.report --sweep_root=workdirs/sweep --output=docs/results.md
+  python -m fastk_jax.report --sweep_root=workdirs/sweep \
+      --output=docs/results.md --sweep_config=configs/sweep_small.py
 
 Arguments (after the colon, comma-separated): heads (P), steps, seed, k.
 """

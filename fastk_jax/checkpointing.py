@@ -119,13 +119,50 @@ def save_config(workdir: str, config) -> None:
   os.replace(tmp, path)
 
 
+# Fields that a resumed run must share with the run that wrote the workdir:
+# they fix the parameter shapes, the tokenizer or the data iterator's meaning.
+RESUME_FIELDS = (
+    "seed", "batch_size", "model.num_layers", "model.num_heads",
+    "model.embed_dim", "model.mlp_ratio", "model.max_len", "model.num_lm_heads",
+    "model.head_bias", "model.tie_pilot_head", "model.vocab_size",
+    "data.source", "data.text_dir", "data.tfds_name", "data.tokenizer",
+    "data.bpe_vocab_size", "data.seq_len",
+)
+
+
+def _field(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value.get(part) if hasattr(value, "get") else None
+  return value
+
+
+def check_resume_compatible(workdir: str, config) -> None:
+  """Raise ValueError if `workdir` holds a run with a different model or data.
+
+  Runs before anything is written to the workdir, so a mistaken config never
+  overwrites the stored `config.json` of a good run.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  stored = load_config(workdir)
+  for field in RESUME_FIELDS:
+    old, new = _field(stored, field), _field(config, field)
+    if old is not None and old != new:
+      raise ValueError(
+          f"Workdir {workdir} holds a run with config.{field}={old!r}, but "
+          f"this config sets {new!r}. Resume with the original value or "
+          "start the new run in another --workdir.")
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """Read `config.json` from a workdir written by training."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"No config.json in workdir {workdir!r}; pass the --workdir of a "
-        "training run (python -m fastk_jax.train --workdir=...).")
+        "training run (python -m fastk_jax.train --config=... --workdir=...).")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   # JSON turns tuples into lists; the mesh code expects sequences either way.
@@ -159,8 +196,12 @@ def load_inference_state(workdir: str, step: int | None = None,
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(
         f"No checkpoints in {checkpoint_dir(workdir)!r}; train first with "
-        f"python -m fastk_jax.train --workdir={workdir}.")
+        f"python -m fastk_jax.train --config=... --workdir={workdir}.")
   manager = make_manager(workdir, config, read_only=True)
+  if step is not None and step not in manager.all_steps():
+    raise FileNotFoundError(
+        f"No checkpoint for step {step} in {checkpoint_dir(workdir)!r}; "
+        f"available steps: {sorted(manager.all_steps()) or 'none'}.")
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(

@@ -16,6 +16,7 @@ COMBINE_RULES = ("max", "mean")
 DATA_SOURCES = ("embedded", "text_dir", "tfds")
 TOKENIZERS = ("gpt2", "bpe")
 DTYPES = ("float32", "bfloat16")
+GPT2_VOCAB_SIZE = 50257
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -244,6 +245,14 @@ def validate_config(config, vocab_size: int | None = None) -> None:
          f"must name a head in [0, model.num_lm_heads={m.num_lm_heads}).")
   _check(d.top_k >= 1, "decode.top_k", d.top_k,
          "K is the shortlist size and must be at least 1.")
+  if vocab_size is None:
+    # The tokenizer is not built yet, but its size is known from the config:
+    # check K now instead of after training a BPE tokenizer.
+    expected = (GPT2_VOCAB_SIZE if config.data.tokenizer == "gpt2"
+                else config.data.bpe_vocab_size)
+    _check(d.top_k <= expected, "decode.top_k", d.top_k,
+           f"K cannot exceed the vocabulary size {expected} "
+           f"(data.tokenizer={config.data.tokenizer!r}).")
   if vocab_size is not None:
     _check(d.top_k <= vocab_size, "decode.top_k", d.top_k,
            f"K cannot exceed the vocabulary size {vocab_size}.")

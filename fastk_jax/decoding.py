@@ -712,7 +712,7 @@ def generate(model, prompts: Sequence[Sequence[int]], decode_config, *,
   longest = max(len(p) for p in prompts)
   if longest + settings.max_new_tokens > cfg.max_len:
     raise ValueError(
-        f"A prompt of {longest} tokens plus config.decode.max_new_tokens="
+        f"A prompt of {longest} token(s) plus config.decode.max_new_tokens="
         f"{settings.max_new_tokens} exceeds the position table "
         f"(model.max_len={cfg.max_len}); shorten the prompt or lower "
         "max_new_tokens.")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging as std_logging
+import sys
 
 from absl import logging
 
@@ -40,3 +42,23 @@ def quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
     handler.addFilter(_LibraryInfoFilter())
+
+
+def exit_on_input_error(main):
+  """Wrap an absl `main` so that input errors print one line and exit 1.
+
+  Invalid configs, missing files and a diverged loss raise ValueError,
+  FileNotFoundError or FloatingPointError with a message that names the field
+  or path and the fix; a traceback around it only hides that message. Run
+  with --verbosity=1 to log the traceback too.
+  """
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+      logging.debug("Traceback of the error below:", exc_info=True)
+      sys.exit(f"Error: {err}")
+
+  return wrapped

@@ -31,6 +31,14 @@ def run(config, workdir: str, prompts) -> dict:
   start = time.time()
 
   train_metrics = train_lib.train_and_evaluate(config, workdir)
+  if train_metrics.get("stop_signal"):
+    # Interrupted (Ctrl-C, SIGTERM): the checkpoint is saved, so stop here
+    # instead of spending minutes on evaluation of an unfinished model.
+    print(f"Training stopped at step {train_metrics['step']} by "
+          f"{train_metrics['stop_signal']}. Rerun the same command to resume.")
+    return {"workdir": os.path.abspath(workdir),
+            "step": train_metrics["step"],
+            "stop_signal": train_metrics["stop_signal"]}
 
   # Evaluate and generate from what was saved, exactly as a later user would.
   state = checkpointing.load_inference_state(workdir)
@@ -95,4 +103,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(logs.exit_on_input_error(main))

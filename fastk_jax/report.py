@@ -13,7 +13,7 @@ metric is shown as mean ± sample standard deviation (ddof = 1) over the
 group's runs, which differ only in their seed when the sweep comes from
 `launch/sweep.py`.
 
-The comparison sections are computed from the numbers: a group counts as
+The comparison sections are computed from the numbers. A group counts as
 better or worse than another on a metric only when the difference of the
 means exceeds twice its standard error over seeds,
 sqrt(s_a^2 / n_a + s_b^2 / n_b). Smaller differences are reported as
@@ -502,6 +502,154 @@ def strict_relaxed_findings(groups: dict[GroupKey, list[dict]]) -> list[str]:
   return lines
 
 
+def _pilot_description(runs: Sequence[dict]) -> str:
+  """Name the pilot of a group's runs, e.g. "the head with the most training wins"."""
+  strategies = _distinct(runs, lambda r: _get(r, "decode", "pilot"))
+  if strategies == ["utilization"]:
+    return "the head with the most training wins"
+  if strategies == ["fixed"]:
+    heads = _distinct(runs, lambda r: _get(r, "decode", "pilot_head"))
+    if len(heads) == 1:
+      return f"head {heads[0]}"
+  return "the pilot"
+
+
+def _recall_sentences(runs: Sequence[dict], top_k: Any) -> list[str]:
+  """Explain Fast-K's numbers of one group from the pilot's shortlist."""
+  recall = aggregate(runs, lambda r: r.get("shortlist_recall"))
+  mixture_recall = aggregate(runs, _mixture_top_k_recall)
+  pilot_perplexity = aggregate(runs, _pilot_perplexity)
+  pilot_share = aggregate(runs, _pilot_win_share)
+  fastk = aggregate(runs, lambda r: r.get("fastk_perplexity"))
+  mixture = aggregate(runs, lambda r: r.get("perplexity"))
+
+  sentences = []
+  pilot = _pilot_description(runs)
+  if pilot_perplexity["mean"] is not None and pilot_share["mean"] is not None:
+    sentences.append(
+        f"The pilot, {pilot}, won {format_mean_std(pilot_share, 3)} of the "
+        f"training tokens and has perplexity "
+        f"{format_mean_std(pilot_perplexity)} on its own.")
+  if recall["mean"] is None:
+    return sentences
+
+  if mixture_recall["mean"] is not None:
+    sentences.append(
+        f"Its top-{top_k} contains {format_mean_std(recall, 3)} of the "
+        f"targets, against {format_mean_std(mixture_recall, 3)} for the "
+        f"mixture's top-{top_k}.")
+    gap = mixture_recall["mean"] - recall["mean"]
+    if gap > 0:
+      # |M \ S| >= |M| - |S| for the mixture's top-K M and the shortlist S.
+      sentences.append(
+          f"So at least {gap:.3f} of the targets are in the mixture's "
+          f"top-{top_k} but outside the pilot's shortlist: they are tokens "
+          "that the other heads rank highly.")
+  else:
+    sentences.append(f"Its top-{top_k} contains {format_mean_std(recall, 3)} "
+                     "of the targets.")
+
+  if fastk["mean"] is not None and mixture["mean"] is not None:
+    sentences.append(
+        "Fast-K gives a target outside the shortlist the pilot's own "
+        f"probability, and its perplexity is {format_mean_std(fastk)} "
+        f"against {format_mean_std(mixture)} for the mixture.")
+  return sentences
+
+
+def specialization_lines(groups: dict[GroupKey, list[dict]]) -> list[str]:
+  """Explain each P > 1 group's Fast-K numbers from its per-head perplexities.
+
+  A head counts as a usable distribution over the full vocabulary when its
+  perplexity is below the run's add-one unigram perplexity. A group whose
+  best head fails that test in every run has heads that each cover only part
+  of the vocabulary.
+  """
+  lines = []
+  for key, runs in groups.items():
+    heads, epsilon = key
+    if heads == 1:
+      continue
+    best = aggregate(runs, _best_head_perplexity)
+    worst = aggregate(runs, _worst_head_perplexity)
+    unigram = aggregate(runs, lambda r: r.get("unigram_perplexity"))
+    mixture = aggregate(runs, lambda r: r.get("perplexity"))
+    if None in (best["mean"], worst["mean"], unigram["mean"], mixture["mean"]):
+      continue
+    none_usable = sum(
+        1 for r in runs if _best_head_perplexity(r["results"])
+        >= r["results"]["unigram_perplexity"])
+    all_usable = sum(
+        1 for r in runs if _worst_head_perplexity(r["results"])
+        < r["results"]["unigram_perplexity"])
+
+    if none_usable == len(runs):
+      sentences = [
+          f"At {setting_label(key)}, no single head is a usable distribution "
+          f"over the full vocabulary: even the best head has perplexity "
+          f"{format_mean_std(best)} (the worst {format_mean_std(worst)}), "
+          f"above the add-one unigram perplexity {format_mean_std(unigram)}, "
+          f"while the uniform mixture of the heads reaches "
+          f"{format_mean_std(mixture)}.",
+          "So each head predicts only the part of the vocabulary that it "
+          "wins, and the heads cover the vocabulary only together."]
+    elif all_usable == len(runs):
+      sentences = [
+          f"At {setting_label(key)}, every head is a usable distribution over "
+          f"the full vocabulary: head perplexities run from "
+          f"{format_mean_std(best)} (best head) to {format_mean_std(worst)} "
+          f"(worst head), all below the add-one unigram perplexity "
+          f"{format_mean_std(unigram)}, and the worst head is within a "
+          f"factor {worst['mean'] / mixture['mean']:.2f} of the mixture's "
+          f"{format_mean_std(mixture)}."]
+    else:
+      sentences = [
+          f"At {setting_label(key)}, every head is below the add-one unigram "
+          f"perplexity {format_mean_std(unigram)} in {all_usable} of "
+          f"{len(runs)} runs, and no head is in {none_usable}: "
+          f"head perplexities run from {format_mean_std(best)} (best head) "
+          f"to {format_mean_std(worst)} (worst head), against "
+          f"{format_mean_std(mixture)} for the mixture."]
+
+    if epsilon == 0.0:
+      sentences.append("Under strict WTA a head's loss covers only the "
+                       "tokens it wins, so nothing trains it to give the "
+                       "other tokens probability.")
+    elif epsilon is not None:
+      sentences.append(
+          f"With ε = {epsilon:g} every head also gets the loss weight "
+          f"ε / (P - 1) = {epsilon / (heads - 1):.3g} on each token it "
+          "does not win.")
+    top_k = _distinct(runs, lambda r: _get(r, "decode", "top_k"))
+    sentences += _recall_sentences(
+        runs, top_k[0] if len(top_k) == 1 else "K")
+    lines.append(" ".join(sentences))
+  return lines
+
+
+def _specialization_table(groups: dict[GroupKey, list[dict]]) -> list[str]:
+  header = ["P", "ε", "perplexity", "best head perplexity",
+            "worst head perplexity", "pilot perplexity",
+            "pilot's share of training wins", "mixture top-K recall",
+            "shortlist recall (pilot top-K)", "Fast-K perplexity"]
+  getters = (
+      (lambda r: r.get("perplexity"), 2),
+      (_best_head_perplexity, 2),
+      (_worst_head_perplexity, 2),
+      (_pilot_perplexity, 2),
+      (_pilot_win_share, 3),
+      (_mixture_top_k_recall, 3),
+      (lambda r: r.get("shortlist_recall"), 3),
+      (lambda r: r.get("fastk_perplexity"), 2),
+  )
+  rows = []
+  for (heads, epsilon), runs in groups.items():
+    rows.append([str(heads), format_epsilon(epsilon)] + [
+        format_mean_std(aggregate(runs, getter), digits)
+        for getter, digits in getters])
+  return _table(header, rows)
+
+
 def sanity_lines(runs: Sequence[dict]) -> list[str]:
   """Check the unigram baseline and oracle <= mixture <= P * oracle per run."""
   lines = []
@@ -571,11 +719,49 @@ def benchmark_lines(benchmarks_md: str | None,
           "docs/benchmarks.md with `python -m fastk_jax.benchmark decode`."]
 
 
+def reproduce_lines(sweep_root: str, sweep_config: str | None,
+                    report_command: str) -> list[str]:
+  """Return the commands that rebuild the runs and this page."""
+  lines = ["From the repository root:", "", "```bash"]
+  if sweep_config:
+    lines.append(f"python launch/sweep.py --config={sweep_config} "
+                 f"--workdir_root={sweep_root} --run")
+  lines += [report_command, "```"]
+  if sweep_config:
+    lines += ["", "The sweep command runs every entry of the config's sweep() "
+              "that has no evaluation JSON yet, strict and relaxed WTA alike, "
+              "and skips the finished ones."]
+  else:
+    lines += ["", "The sweep config is not recorded: pass --sweep_config to "
+              "write the command that trains the runs."]
+  return lines
+
+
+def _report_command(sweep_root: str, output: str, sweep_config: str | None,
+                    benchmarks_md: str | None,
+                    benchmark_json: str | None) -> str:
+  """Return the `fastk_jax.report` command line that writes this page."""
+  parts = ["python -m fastk_jax.report", f"--sweep_root={sweep_root}",
+           f"--output={output}"]
+  if sweep_config:
+    parts.append(f"--sweep_config={sweep_config}")
+  if benchmark_json:
+    parts.append(f"--benchmark_json={benchmark_json}")
+  elif benchmarks_md != "docs/benchmarks.md":
+    parts.append(f"--benchmarks_md={benchmarks_md or ''}")
+  return " ".join(parts)
+
+
 def render_markdown(runs: Sequence[dict], *, sweep_root: str,
                     benchmarks_md: str | None = None,
-                    benchmark_json: str | None = None) -> str:
-  """Build the whole results page."""
-  groups = group_by_heads(runs)
+                    benchmark_json: str | None = None,
+                    sweep_config: str | None = None,
+                    output: str = "docs/results.md") -> str:
+  """Build the whole results page.
+
+  `sweep_config` and `output` only go into the page's reproduction commands.
+  """
+  groups = group_runs(runs)
   first = runs[0]["results"]
   caption = (f"Perplexities: strided evaluation with context "
              f"{first['context_length']}, stride {first['stride']}.")
@@ -584,14 +770,20 @@ def render_markdown(runs: Sequence[dict], *, sweep_root: str,
       "# Results: multi-head (winner-take-all) training against P = 1",
       "",
       f"{len(runs)} runs from `{sweep_root}`, grouped by P, the number of LM "
-      f"heads (seeds {', '.join(seeds)}). Each cell is the mean ± sample "
-      "standard deviation over a group's runs. Generated by "
+      "heads, and ε, the relaxed winner-take-all (WTA) weight "
+      f"`loss.wta_epsilon` (seeds {', '.join(seeds)}). Each cell is the mean "
+      "± sample standard deviation over a group's runs. Generated by "
       "`python -m fastk_jax.report`; edit the sweep, not this file.",
       "",
   ]
   lines += protocol_lines(runs)
   lines += [
       "",
+      "- **ε**: under strict WTA (ε = 0) only the head with the lowest loss "
+      "on a token (the winner) is trained on it. Relaxed WTA weights the "
+      "winner's loss by 1 - ε and every other head's by ε / (P - 1). With "
+      "P = 1 the weight is 1 for every ε, so the P = 1 runs are the baseline "
+      "of both settings.",
       "- **perplexity**: the uniform mixture of the P heads, a proper "
       "distribution (the headline number).",
       "- **oracle perplexity**: each token scored by the head that gives its "
@@ -605,17 +797,33 @@ def render_markdown(runs: Sequence[dict], *, sweep_root: str,
       "",
       "## What multi-head training buys over P = 1",
       "",
-      f"A P > 1 group counts as better or worse than P = 1 when the "
-      f"difference of the means exceeds {SIGNIFICANCE_SE:g} standard errors "
-      "over seeds. The seeds share one evaluation text, so this spread "
-      "leaves out the sampling error of that text, and small differences "
-      "should be judged by their size too.",
+      f"A group counts as better or worse than another when the difference "
+      f"of the means exceeds {SIGNIFICANCE_SE:g} standard errors over seeds. "
+      "The seeds share one evaluation text, so this spread leaves out the "
+      "sampling error of that text, and small differences should be judged "
+      "by their size too.",
       "",
   ]
   gains, non_gains = findings(groups)
   lines += [f"- {g}" for g in gains] or ["- Nothing measured here."]
   lines += ["", "## What it does not buy", ""]
   lines += [f"- {g}" for g in non_gains] or ["- Nothing measured here."]
+  lines += ["", "## Strict against relaxed winner-take-all", ""]
+  lines += ([f"- {line}" for line in strict_relaxed_findings(groups)]
+            or ["- No P has both strict (ε = 0) and relaxed (ε > 0) runs."])
+  lines += ["", "## Why Fast-K depends on the WTA setting", "",
+            "Fast-K scores only the pilot head's Top-K with every head and "
+            "gives every other token the pilot's own softmax probability. It "
+            "therefore needs a pilot whose Top-K contains the targets that "
+            "the other heads rank highly. A head counts below as a usable "
+            "distribution over the full vocabulary when its perplexity is "
+            "below the add-one unigram perplexity. The mixture's top-K "
+            "recall is the share of targets in the mixture's K most likely "
+            "tokens, with the K of Fast-K. " + caption, ""]
+  lines += _specialization_table(groups)
+  lines += [""]
+  lines += ([f"- {line}" for line in specialization_lines(groups)]
+            or ["- There are no P > 1 runs."])
   lines += ["", "## Checks", ""]
   lines += sanity_lines(runs)
   lines += ["", "## Perplexity", "", caption, ""]
@@ -630,24 +838,32 @@ def render_markdown(runs: Sequence[dict], *, sweep_root: str,
   lines += benchmark_lines(benchmarks_md, benchmark_json)
   lines += ["", "## Runs", "", caption, ""]
   lines += _table(
-      ["run", "P", "seed", "perplexity", "oracle", "Fast-K", "step"],
-      [[r["name"], str(r["num_lm_heads"]), str(r["seed"]),
+      ["run", "P", "ε", "seed", "perplexity", "oracle", "Fast-K", "step"],
+      [[r["name"], str(r["num_lm_heads"]), format_epsilon(r["wta_epsilon"]),
+        str(r["seed"]),
         f"{r['results']['perplexity']:.2f}",
         f"{r['results']['oracle_perplexity']:.2f}",
         "n/a" if r["results"].get("fastk_perplexity") is None
         else f"{r['results']['fastk_perplexity']:.2f}",
         str(r["results"]["step"])] for r in runs])
+  lines += ["", "## Reproduce", ""]
+  lines += reproduce_lines(
+      sweep_root, sweep_config,
+      _report_command(sweep_root, output, sweep_config, benchmarks_md,
+                      benchmark_json))
   return "\n".join(lines) + "\n"
 
 
 def write_report(sweep_root: str, output: str, *,
                  benchmarks_md: str | None = "docs/benchmarks.md",
-                 benchmark_json: str | None = None) -> str:
+                 benchmark_json: str | None = None,
+                 sweep_config: str | None = None) -> str:
   """Load the sweep, write the Markdown page to `output` and return it."""
   runs = load_runs(sweep_root)
   markdown = render_markdown(runs, sweep_root=sweep_root,
                              benchmarks_md=benchmarks_md,
-                             benchmark_json=benchmark_json)
+                             benchmark_json=benchmark_json,
+                             sweep_config=sweep_config, output=output)
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
   with open(output, "w") as f:
@@ -661,6 +877,10 @@ def define_flags() -> None:
   flags.DEFINE_string("sweep_root", None,
                       "Directory whose subdirectories are evaluated runs.")
   flags.DEFINE_string("output", "docs/results.md", "Markdown file to write.")
+  flags.DEFINE_string(
+      "sweep_config", None,
+      "Config file of the sweep that trained the runs, e.g. "
+      "configs/sweep_small.py; only used to write the reproduction commands.")
   flags.DEFINE_string("benchmarks_md", "docs/benchmarks.md",
                       "Markdown file with decode-speed tables, if present.")
   flags.DEFINE_string("benchmark_json", None,
@@ -673,7 +893,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   markdown = write_report(FLAGS.sweep_root, FLAGS.output,
                           benchmarks_md=FLAGS.benchmarks_md,
-                          benchmark_json=FLAGS.benchmark_json)
+                          benchmark_json=FLAGS.benchmark_json,
+                          sweep_config=FLAGS.sweep_config)
   print(markdown)
 
 

@@ -254,6 +254,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
         f"by the {divisor} batch shards of mesh {dict(mesh.shape)} and by "
         f"{jax.process_count()} processes; change the batch size or the mesh.")
 
+  # A rerun in the same workdir must match the stored run before anything
+  # (tokenizer, config.json) is written there.
+  checkpointing.check_resume_compatible(workdir, config)
+
   # Tokenizer: loaded from the workdir when resuming, else built and saved.
   tokenizer = tokenizer_lib.get_or_create_tokenizer(config, workdir)
   vocab_size = tokenizer.vocab_size
@@ -413,6 +417,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None
   manager.close()
   writer.close()
   last_metrics["step"] = step
+  # The signal that stopped training early (e.g. "SIGINT"), or None.
+  last_metrics["stop_signal"] = stop.signal_name
   last_metrics["train_minutes"] = (time.time() - run_start) / 60
   logging.info("Training stopped at step %d after %.1f minutes.", step,
                last_metrics["train_minutes"])
@@ -446,4 +452,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(logs.exit_on_input_error(main))

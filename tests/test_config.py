@@ -61,6 +61,11 @@ def test_invalid_values_raise(field, value, message):
 
 def test_top_k_larger_than_vocabulary():
   config = load_config("demo", "k=5000")
-  config_lib.validate_config(config)  # vocabulary not known yet: passes
+  # Before the tokenizer exists, the BPE size in the config bounds K.
+  with pytest.raises(ValueError, match="cannot exceed the vocabulary size 4096"):
+    config_lib.validate_config(config)
   with pytest.raises(ValueError, match="cannot exceed the vocabulary size 4096"):
     config_lib.validate_config(config, vocab_size=4096)
+  gpt2 = load_config("gpt2_small", "k=60000")
+  with pytest.raises(ValueError, match="vocabulary size 50257"):
+    config_lib.validate_config(gpt2)

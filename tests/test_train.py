@@ -134,3 +134,24 @@ def test_unfinished_save_is_ignored_on_resume(kjv_text_dir, tmp_path):
   metrics = train.train_and_evaluate(config, workdir)
   assert metrics["step"] == 6
   assert not os.path.exists(leftover)
+
+
+def test_resume_with_other_model_rejected(kjv_text_dir, tmp_path):
+  workdir = str(tmp_path / "mismatch")
+  train.train_and_evaluate(_tiny(kjv_text_dir, total_steps=3), workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    stored = f.read()
+
+  other = _tiny(kjv_text_dir, total_steps=3, **{"model.num_lm_heads": 3})
+  with pytest.raises(ValueError, match=r"config.model.num_lm_heads=2.*sets 3"):
+    train.train_and_evaluate(other, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == stored  # the good run's config is untouched
+  assert checkpointing.load_inference_state(workdir).step == 3
+
+
+def test_missing_step_lists_available(kjv_text_dir, tmp_path):
+  workdir = str(tmp_path / "steps")
+  train.train_and_evaluate(_tiny(kjv_text_dir), workdir)
+  with pytest.raises(FileNotFoundError, match=r"step 7 .*available steps: \[3, 6\]"):
+    checkpointing.load_inference_state(workdir, step=7)
