@@ -586,7 +586,7 @@ def specialization_lines(groups: dict[GroupKey, list[dict]]) -> list[str]:
     if none_usable == len(runs):
       sentences = [
           f"At {setting_label(key)}, no single head is a usable distribution "
-          f"over the full vocabulary: even the best head has perplexity "
+          f"over the full vocabulary. Even the best head has perplexity "
           f"{format_mean_std(best)} (the worst {format_mean_std(worst)}), "
           f"above the add-one unigram perplexity {format_mean_std(unigram)}, "
           f"while the uniform mixture of the heads reaches "
@@ -596,10 +596,10 @@ def specialization_lines(groups: dict[GroupKey, list[dict]]) -> list[str]:
     elif all_usable == len(runs):
       sentences = [
           f"At {setting_label(key)}, every head is a usable distribution over "
-          f"the full vocabulary: head perplexities run from "
+          f"the full vocabulary. Head perplexities run from "
           f"{format_mean_std(best)} (best head) to {format_mean_std(worst)} "
           f"(worst head), all below the add-one unigram perplexity "
-          f"{format_mean_std(unigram)}, and the worst head is within a "
+          f"{format_mean_std(unigram)}. The worst head is within a "
           f"factor {worst['mean'] / mixture['mean']:.2f} of the mixture's "
           f"{format_mean_std(mixture)}."]
     else:

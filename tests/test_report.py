@@ -231,7 +231,7 @@ def test_specialization_explains_fastk(sweep_root):
                      if line.startswith("- At P = 4")]
   assert strict.startswith(
       "- At P = 4, ε = 0, no single head is a usable distribution over the "
-      "full vocabulary: even the best head has perplexity 601.00 ± 1.00 "
+      "full vocabulary. Even the best head has perplexity 601.00 ± 1.00 "
       "(the worst 9001.00 ± 1.00), above the add-one unigram perplexity "
       "500.00 ± 0.00")
   assert "Under strict WTA a head's loss covers only the tokens it wins" in strict
@@ -245,9 +245,10 @@ def test_specialization_explains_fastk(sweep_root):
 
   assert relaxed.startswith(
       "- At P = 4, ε = 0.3, every head is a usable distribution over the "
-      "full vocabulary: head perplexities run from 41.00 ± 1.00 (best head) "
+      "full vocabulary. Head perplexities run from 41.00 ± 1.00 (best head) "
       "to 56.00 ± 1.00 (worst head)")
-  assert "within a factor 1.53 of the mixture's 36.50 ± 1.00" in relaxed
+  assert ("500.00 ± 0.00. The worst head is within a factor 1.53 of the "
+          "mixture's 36.50 ± 1.00") in relaxed
   assert "loss weight ε / (P - 1) = 0.1 on each token it does not win" in relaxed
   assert "Its top-50 contains 0.620 ± 0.000 of the targets" in relaxed
   assert "Under strict WTA" not in relaxed
