@@ -794,6 +794,9 @@ def render_markdown(runs: Sequence[dict], *, sweep_root: str,
       "the shortlist).",
       "- **best single head**: the head with the lowest perplexity on the "
       "evaluated split, chosen per run.",
+      "- **size**: every run has the same trunk, data and steps, but P heads "
+      "hold P·V·d parameters, so runs with P > 1 have more parameters than "
+      "P = 1. The comparisons below are not parameter-matched.",
       "",
       "## What multi-head training buys over P = 1",
       "",
