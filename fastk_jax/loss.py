@@ -117,6 +117,21 @@ def _wta_nll_bwd(epsilon, chunk_size, dtype, residuals, cotangents):
 _wta_nll.defvjp(_wta_nll_fwd, _wta_nll_bwd)
 
 
+def flatten_inputs(hidden, kernel, bias, targets, mask):
+  """Return (hidden `[N, d]`, bias `[P, V]`, targets `[N]`, mask `[N]`).
+
+  A missing mask counts every token, and a missing bias is zeros.
+  """
+  hidden = hidden.reshape(-1, hidden.shape[-1])
+  targets = targets.reshape(-1).astype(jnp.int32)
+  if mask is None:
+    mask = jnp.ones(targets.shape, jnp.float32)
+  mask = mask.reshape(-1).astype(jnp.float32)
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[:2], jnp.float32)
+  return hidden, bias, targets, mask
+
+
 def wta_loss(hidden, kernel, bias, targets, mask=None, *, epsilon=0.0,
              chunk_size=512, dtype=jnp.float32):
   """Compute the chunked winner-take-all loss.
@@ -136,15 +151,8 @@ def wta_loss(hidden, kernel, bias, targets, mask=None, *, epsilon=0.0,
     differentiable. `aux` holds "nll" `[N, P]` per-head losses, "winner" `[N]`
     and "mask" `[N]` for metrics, all treated as constants.
   """
-  dim = hidden.shape[-1]
-  hidden = hidden.reshape(-1, dim)
-  targets = targets.reshape(-1).astype(jnp.int32)
-  if mask is None:
-    mask = jnp.ones(targets.shape, jnp.float32)
-  mask = mask.reshape(-1).astype(jnp.float32)
-  if bias is None:
-    bias = jnp.zeros(kernel.shape[:2], jnp.float32)
-
+  hidden, bias, targets, mask = flatten_inputs(hidden, kernel, bias, targets,
+                                               mask)
   num_tokens = hidden.shape[0]
   chunk_size = min(chunk_size, num_tokens)
   padding = (-num_tokens) % chunk_size

@@ -552,19 +552,14 @@ def sharded_wta_loss(hidden, kernel, bias, targets, mask=None, *, mesh: Mesh,
   Returns:
     (loss, aux) exactly as `loss.wta_loss`.
   """
-  num_heads, vocab, dim = kernel.shape
+  vocab = kernel.shape[1]
   if vocab % _num_shards(mesh, axis):
     raise ValueError(
         f"The vocabulary size {vocab} is not divisible by the "
         f"{_num_shards(mesh, axis)} shards of mesh axis {axis!r}.")
   batch = tuple(batch)
-  hidden = hidden.reshape(-1, dim)
-  targets = targets.reshape(-1).astype(jnp.int32)
-  if mask is None:
-    mask = jnp.ones(targets.shape, jnp.float32)
-  mask = mask.reshape(-1).astype(jnp.float32)
-  if bias is None:
-    bias = jnp.zeros((num_heads, vocab), jnp.float32)
+  hidden, bias, targets, mask = loss_lib.flatten_inputs(
+      hidden, kernel, bias, targets, mask)
   num_batch_shards = math.prod(mesh.shape[a] for a in batch)
   if hidden.shape[0] % num_batch_shards:
     raise ValueError(
