@@ -49,7 +49,7 @@ def make_manager(workdir: str, config, *, read_only: bool = False
       create=not read_only,
       read_only=read_only,
       # A save cut off by a crash or kill -9 leaves a *.orbax-checkpoint-tmp*
-      # directory; it is never listed as a step and is removed on restart.
+      # directory. Orbax never lists it as a step, and restart removes it.
       cleanup_tmp_directories=not read_only,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
@@ -138,7 +138,7 @@ def _field(config, dotted: str):
 
 
 def check_resume_compatible(workdir: str, config) -> None:
-  """Raise ValueError if `workdir` holds a run with a different model or data.
+  """Raise ValueError if `workdir` contains a run with another model or data.
 
   Runs before anything is written to the workdir, so a mistaken config never
   overwrites the stored `config.json` of a good run.
@@ -151,7 +151,7 @@ def check_resume_compatible(workdir: str, config) -> None:
     old, new = _field(stored, field), _field(config, field)
     if old is not None and old != new:
       raise ValueError(
-          f"Workdir {workdir} holds a run with config.{field}={old!r}, but "
+          f"Workdir {workdir} contains a run with config.{field}={old!r}, but "
           f"this config sets {new!r}. Resume with the original value or "
           "start the new run in another --workdir.")
 
@@ -171,7 +171,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class InferenceState:
-  """What evaluation and generation need from a training workdir."""
+  """Model, tokenizer and head statistics restored from a training workdir."""
   config: ml_collections.ConfigDict
   model: model_lib.GPT
   tokenizer: Any
@@ -184,8 +184,8 @@ def load_inference_state(workdir: str, step: int | None = None,
                          shardings=None) -> InferenceState:
   """Restore the model, tokenizer and win counts from a workdir.
 
-  The parameters are restored onto the local devices (replicated) unless
-  `shardings` (an `nnx.State` of NamedShardings) says otherwise, whatever mesh
+  The parameters are restored onto the first local device, or onto
+  `shardings` (an `nnx.State` of NamedShardings) when given, whatever mesh
   wrote them.
 
   Raises:
