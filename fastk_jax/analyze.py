@@ -554,4 +554,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(logs.exit_on_input_error(main))
