@@ -152,7 +152,7 @@ def validate_decode_config(config, vocab_size: int,
 
 
 class HeadWeights(NamedTuple):
-  """The LM heads in the two layouts decoding reads.
+  """LM head weights in the two layouts that decoding reads.
 
   `kernel` `[P, V, d]` feeds the K-row gather and the dense projection.
   `per_head` contains the same heads as P separate `[V, d]` arrays for the

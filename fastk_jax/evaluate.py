@@ -5,9 +5,10 @@ Usage:
 
 Protocol: the split's documents are tokenized and joined with EOS into one
 stream. Windows of `eval.context_length` tokens start every `eval.stride`
-tokens; each target token is scored once, in the first window that contains
-it after the previous window's scored span, so every token except those near
-the start sees at least `context_length - stride` tokens of context. This is
+tokens. Each target token is scored once, in the first window that contains
+it after the previous window's scored span. Every token except those near the
+start is therefore scored with at least `context_length - stride` tokens of
+context. This is
 the common fixed-length protocol for GPT-2 perplexity.
 
 Metrics (definitions in `fastk_jax/metrics.py`), each over all scored

@@ -49,7 +49,7 @@ def exit_on_input_error(main):
 
   Invalid configs, missing files and a diverged loss raise ValueError,
   FileNotFoundError or FloatingPointError with a message that names the field
-  or path and the fix; a traceback around it only hides that message. Run
+  or path and the fix. A traceback around it only hides that message. Run
   with --verbosity=1 to log the traceback too.
   """
 

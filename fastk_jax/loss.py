@@ -11,8 +11,8 @@ The full logits `[tokens, P, V]` are never stored. The forward pass walks over
 chunks of `chunk_size` tokens and keeps only the log-sum-exp and the gold logit
 of each (token, head). The backward pass (a custom VJP) recomputes each chunk's
 logits and folds the softmax gradient straight into the gradients of the
-hidden states, kernel and bias, so peak temporary memory is about
-3 * chunk_size * P * V floats instead of several copies of the full logits.
+hidden states, kernel and bias. Peak temporary memory is therefore about
+3 * chunk_size * P * V floats, not several copies of the full logits.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def wta_loss(hidden, kernel, bias, targets, mask=None, *, epsilon=0.0,
 
   Returns:
     (loss, aux): `loss` is the weighted mean over masked tokens, which is
-    differentiable. `aux` holds "nll" `[N, P]` per-head losses, "winner" `[N]`
+    differentiable. `aux` contains "nll" `[N, P]` per-head losses, "winner" `[N]`
     and "mask" `[N]` for metrics, all treated as constants.
   """
   hidden, bias, targets, mask = flatten_inputs(hidden, kernel, bias, targets,

@@ -1,9 +1,9 @@
 """GPT-2-family decoder whose LM head is P parallel heads.
 
-The trunk follows GPT-2 exactly so its weights map one to one: pre-LayerNorm
-blocks (epsilon 1e-5), learned absolute positions, GELU with the tanh
-approximation, biases on every projection and LayerNorm, dropout after the
-embeddings, the attention weights and each residual branch. With P = 1 and a
+The trunk follows GPT-2 exactly, so its weights map one to one. It has
+pre-LayerNorm blocks (epsilon 1e-5), learned absolute positions, GELU with the
+tanh approximation and biases on every projection and LayerNorm. Dropout
+follows the embeddings, the attention weights and each residual branch. With P = 1 and a
 tied head the model is a standard GPT-2.
 
 Limits: no rotary embeddings, no flash attention, and the KV cache holds the

@@ -36,7 +36,7 @@ PRESETS = {
     # LM heads split over the vocabulary.
     "tp": (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("mlp", "tensor"),
            ("qkv", "tensor")),
-    # Tensor parallelism over the LM heads: each device holds whole heads.
+    # Tensor parallelism over the LM heads: each device stores whole heads.
     "tp_heads": (("batch", ("data", "fsdp")), ("lm_heads", "tensor"),
                  ("mlp", "tensor"), ("qkv", "tensor")),
     # FSDP and vocabulary tensor parallelism together, for meshes with both

@@ -52,7 +52,7 @@ def test_plugin_bias_bits():
 
 
 class _WordTokenizer:
-  """Token i decodes to WORDS[i]; encode knows only whole entries."""
+  """Token i decodes to WORDS[i]; encode accepts only whole entries."""
   WORDS = [" the", " cat", "s", " sat", "\n", " on"]
 
   def decode(self, ids):
